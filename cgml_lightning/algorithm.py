@@ -1,0 +1,104 @@
+"""The cGML algorithm as plain torch functions (no Lightning): readable on one screen, testable alone.
+
+Shapes: B inputs, d = latent_dim, k = z-steps, M = start candidates.
+A "loss_fn" maps latents z[B, d] to one distance per input [B]; it closes over the (detached)
+encoder features and the targets, so these functions never see the networks' weights.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LossFn = Callable[[Tensor], Tensor]
+
+
+def project(z: Tensor, eps: float = 1e-8) -> Tensor:
+    """Back onto the unit sphere S^{d-1} (last axis)."""
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def sphere_sample(*shape: int, dim: int, generator: torch.Generator | None = None,
+                  device=None, dtype=None) -> Tensor:
+    """Uniform points on S^{dim-1}: Tensor[*shape, dim]."""
+    return project(torch.randn(*shape, dim, generator=generator, device=device, dtype=dtype))
+
+
+def distance(pred: Tensor, target: Tensor, kind: str = "l1", weight: Tensor | None = None) -> Tensor:
+    """Per-sample distance [B], summed over the output elements (optionally weighted, e.g. a hole mask)."""
+    if kind == "l1":
+        err = (pred - target).abs()
+    elif kind == "l2":
+        err = (pred - target).pow(2)
+    elif kind == "smooth_l1":
+        err = F.smooth_l1_loss(pred, target, reduction="none")
+    else:
+        raise ValueError(f"distance must be one of l1, l2, smooth_l1; got {kind!r}")
+    if weight is not None:
+        err = err * weight
+    return err.flatten(1).sum(dim=1)
+
+
+@torch.no_grad()
+def select_starts(loss_fn: LossFn, candidates: Tensor) -> Tensor:
+    """Mode-consistent starts: per input, the candidate z[M, B, d] whose output is closest to y.
+
+    Choosing the start makes the dynamics network's regression targets consistent: a start in
+    one mode's basin is paired with targets of that mode, so Z stops averaging between modes.
+    """
+    m, b, d = candidates.shape
+    losses = loss_fn(candidates.reshape(m * b, d)).view(m, b)          # one batched decoder pass
+    best = losses.argmin(dim=0)                                          # [B]
+    return candidates[best, torch.arange(b, device=candidates.device)]  # [B, d]
+
+
+def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: float = 0.0) -> Tensor:
+    """The z-phase: projected gradient descent on z only. Returns the trajectory [k+1, B, d].
+
+    Gradients are taken w.r.t. z alone (autograd.grad), so no weight gradient is formed; each step
+    starts from a fresh leaf, so no graph survives from one step to the next.
+    """
+    z, velocity, path = z0.detach(), torch.zeros_like(z0), [z0.detach()]
+    for _ in range(steps):
+        z = z.requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss_fn(z).sum(), z)
+        velocity = momentum * velocity + grad
+        z = project(z.detach() - lr * velocity)
+        path.append(z)
+    return torch.stack(path)
+
+
+def dynamics_targets(path: Tensor, target: str = "next") -> tuple[Tensor, Tensor, Tensor]:
+    """Regression pairs for Z from a trajectory [k+1, B, d]: (z_t, r_t, rho_t), each flattened to k*B rows.
+
+    target="next": r_t = z_{t+1} (the paper's step-by-step dynamics);
+    target="final": r_t = z_k (every point of the path points at where it converged).
+    """
+    z_t = path[:-1]
+    r_t = path[1:] if target == "next" else path[-1:].expand_as(z_t)
+    if target not in ("next", "final"):
+        raise ValueError(f"dynamics target must be 'next' or 'final'; got {target!r}")
+    rho_t = (r_t - z_t).norm(dim=-1, keepdim=True)
+    d = path.shape[-1]
+    return z_t.reshape(-1, d), r_t.reshape(-1, d), rho_t.reshape(-1, 1)
+
+
+def dynamics_step(z: Tensor, r: Tensor, rho: Tensor, eps: float = 1e-8) -> Tensor:
+    """Z's update rule: move rho along the direction to r, then back onto the sphere."""
+    direction = r - z
+    return project(z + rho * direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+def dynamics_loss(r_pred: Tensor, rho_pred: Tensor, r: Tensor, rho: Tensor) -> Tensor:
+    """MSE of Z's predictions against the recorded (r, rho)."""
+    return F.mse_loss(r_pred, r) + F.mse_loss(rho_pred, rho)
+
+
+def lipschitz_penalty(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], sigma: float = 1e-3) -> Tensor:
+    """Perturbation form of the Lipschitz condition: E ||f(u + eps) - f(u)||^2 / sigma^2, eps ~ N(0, sigma^2)."""
+    out = fn(*inputs)
+    noisy = fn(*(u + sigma * torch.randn_like(u) for u in inputs))
+    return ((noisy - out).flatten(1).pow(2).sum(dim=1) / sigma**2).mean()

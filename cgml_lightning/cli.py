@@ -1,0 +1,131 @@
+"""Console scripts cgml-train, cgml-eval, cgml-sample: Hydra apps over the configs shipped in cgml_lightning.conf."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cgml_lightning.evaluation import evaluate as evaluate_module
+from cgml_lightning.instantiate import check_targets, instantiate
+from cgml_lightning.modules import ConditionalModule
+from cgml_lightning.plots import save_samples_png
+
+log = logging.getLogger("cgml_lightning")
+CONFIG_PATH = "pkg://cgml_lightning.conf"
+
+
+def plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def output_dir() -> Path:
+    return Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s", path)
+
+
+def build_datamodule(cfg: DictConfig):
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
+    info = {**datamodule.info(), "data": plain(cfg.data)}
+    return instantiate(cfg.model, data_info=info, net=plain(cfg.net), _recursive_=False, _convert_="all")
+
+
+def run_train(cfg: DictConfig) -> dict[str, float]:
+    check_targets(cfg)                                           # refuse a bad _target_ before anything runs
+    L.seed_everything(cfg.seed, workers=True)
+    out = output_dir()
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training interrupted")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+        metrics: dict[str, float] = {}
+        if trainer.is_global_zero:
+            metrics = evaluate_module(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)
+            metrics["epochs"] = trainer.current_epoch
+            write_json(out / "metrics.json", metrics)
+            save_samples_png(module, datamodule, out / "samples.png", seed=cfg.eval.seed)
+        return metrics
+    finally:
+        for logger in loggers:                                   # W&B: never let one job bleed into the next
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish()
+
+
+def load_for_inference(cfg: DictConfig):
+    """The checkpoint's module, and the data it was trained on unless cfg.data overrides it."""
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint: {path.resolve()}")
+    module = load_module(path)
+    data_cfg = cfg.get("data") or module.data_info.get("data")
+    if not data_cfg:
+        raise ValueError(f"{path}: the checkpoint records no data config; pass data=... on the command line")
+    dm = instantiate(data_cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    return module, dm
+
+
+def load_module(path: Path) -> ConditionalModule:
+    """Pick the module class from the checkpoint's own keys, then Lightning's load_from_checkpoint (weights_only)."""
+    from cgml_lightning.modules import MODULES
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    name = "cgml" if any("latents" in k for k in state["state_dict"]) else "regressor"
+    return MODULES[name].load_from_checkpoint(path, map_location="cpu")
+
+
+def run_eval(cfg: DictConfig) -> dict[str, float]:
+    module, dm = load_for_inference(cfg)
+    metrics = evaluate_module(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed)
+    write_json(output_dir() / "metrics.json", metrics)
+    return metrics
+
+
+def run_sample(cfg: DictConfig) -> Path:
+    module, dm = load_for_inference(cfg)
+    out = output_dir()
+    batch = next(iter(dm.test_dataloader()))
+    x = batch["x"][: cfg.num_inputs]
+    samples = module.sample(x, cfg.num_samples, seed=cfg.seed).cpu()
+    torch.save({"x": x, "samples": samples, "y": batch["y"][: cfg.num_inputs]}, out / "samples.pt")
+    return save_samples_png(module, dm, out / "samples.png", cfg.num_inputs, cfg.num_samples, cfg.seed)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    metrics = run_train(cfg)
+    return metrics.get(cfg.get("optimized_metric", ""), None)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def evaluate(cfg: DictConfig) -> None:
+    run_eval(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def sample(cfg: DictConfig) -> None:
+    run_sample(cfg)

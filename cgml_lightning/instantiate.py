@@ -1,0 +1,39 @@
+"""Hydra instantiation limited to an allowlist of `_target_` prefixes, checked before anything runs."""
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+ALLOWED_TARGET_PREFIXES = ("cgml_lightning.", "torch.", "lightning.", "pytorch_lightning.", "torchmetrics.",
+                           "hydra_plugins.", "builtins.dict", "builtins.list")
+
+
+def find_targets(cfg: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every (config path, `_target_`) in a config tree."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    found = []
+    if isinstance(cfg, dict):
+        if isinstance(cfg.get("_target_"), str):
+            found.append((path or "<root>", cfg["_target_"]))
+        for key, value in cfg.items():
+            found += find_targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(cfg, list):
+        for i, value in enumerate(cfg):
+            found += find_targets(value, f"{path}[{i}]")
+    return found
+
+
+def check_targets(cfg: Any) -> None:
+    """Refuse any `_target_` outside the allowlist, naming the key (e.g. a YAML pointing at os.system)."""
+    for path, target in find_targets(cfg):
+        if not target.startswith(ALLOWED_TARGET_PREFIXES):
+            raise ValueError(f"refusing to instantiate {path}._target_={target!r}: only targets starting with "
+                             f"{', '.join(ALLOWED_TARGET_PREFIXES)} are allowed")
+
+
+def instantiate(cfg: Any, *args, **kwargs) -> Any:
+    check_targets(cfg)
+    return hydra.utils.instantiate(cfg, *args, **kwargs)

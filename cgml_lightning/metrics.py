@@ -1,0 +1,85 @@
+"""Evaluation metrics on samples [B, N, ...] against targets [B, ...] (DESIGN.md section 4).
+
+PSNR and SSIM come from torchmetrics; diversity and the mode metrics are a few lines of torch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def pairwise_l1_diversity(samples: Tensor) -> Tensor:
+    """Mean L1 distance (per element) between the N samples of each input: [B]. Zero for a regressor."""
+    b, n = samples.shape[:2]
+    if n < 2:
+        return samples.new_zeros(b)
+    flat = samples.reshape(b, n, -1)
+    dist = torch.cdist(flat, flat, p=1) / flat.shape[-1]                       # [B, N, N]
+    return dist.sum(dim=(1, 2)) / (n * (n - 1))
+
+
+def psnr(samples: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """PSNR in dB of every sample, pixels in [0, 1]: [B, N]. With weight (a hole mask), on the weighted pixels only."""
+    b, n = samples.shape[:2]
+    preds, tgt = samples.flatten(0, 1), target.repeat_interleave(n, dim=0)
+    if weight is None:
+        out = peak_signal_noise_ratio(preds, tgt, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    else:
+        w = weight.repeat_interleave(n, dim=0).expand_as(tgt)
+        mse = ((preds - tgt).pow(2) * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1)
+        out = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return out.view(b, n)
+
+
+def ssim(samples: Tensor, target: Tensor) -> Tensor:
+    """SSIM of every sample, pixels in [0, 1]: [B, N]. The Gaussian window shrinks to fit small images."""
+    b, n = samples.shape[:2]
+    side = min(target.shape[-2:])
+    kernel = min(11, side - 1 if side % 2 == 0 else side)
+    out = structural_similarity_index_measure(
+        samples.flatten(0, 1), target.repeat_interleave(n, dim=0), data_range=1.0, reduction="none",
+        kernel_size=kernel, sigma=1.5 * kernel / 11)
+    return out.view(b, n)
+
+
+def mode_distances(samples: Tensor, modes: Tensor) -> Tensor:
+    """Euclidean distance of every sample [B, N, D] to every true mode [B, K, D]: [B, N, K]."""
+    return torch.cdist(samples.flatten(2), modes.flatten(2))
+
+
+def mode_tolerance(modes: Tensor, rel: float = 0.1) -> Tensor:
+    """rel x the modes' spread around their mean, per input [B]: for the symmetric toy, rel x ||mode||."""
+    centre = modes.mean(dim=1, keepdim=True)
+    return rel * (modes - centre).flatten(2).norm(dim=-1).amax(dim=1)
+
+
+def mode_metrics(samples: Tensor, modes: Tensor, rel: float = 0.1) -> dict[str, float]:
+    """mode_near_fraction: share of samples within tolerance of the nearer true mode;
+    mode_coverage: share of inputs whose samples hit every mode; mode_balance: the rarest mode's share of hits."""
+    dist = mode_distances(samples, modes)                                     # [B, N, K]
+    hit = dist <= mode_tolerance(modes, rel)[:, None, None]                   # [B, N, K]
+    nearest = dist.argmin(dim=-1)                                             # [B, N]
+    near = hit.gather(-1, nearest[..., None]).squeeze(-1)                     # [B, N]
+    k = modes.shape[1]
+    counts = torch.stack([(near & (nearest == i)).sum() for i in range(k)]).float()
+    return {"mode_near_fraction": near.float().mean().item(),
+            "mode_coverage": hit.any(dim=1).all(dim=-1).float().mean().item(),
+            "mode_balance": (counts.min() / counts.sum().clamp_min(1)).item()}
+
+
+def image_metrics(samples: Tensor, target: Tensor, hole: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-input image metrics [B] (averaged by the caller): best-of-N and mean PSNR, best-of-N SSIM, diversity."""
+    p = psnr(samples, target)
+    out = {"psnr_best_of_n": p.amax(1), "psnr_mean": p.mean(1), "ssim_best_of_n": ssim(samples, target).amax(1),
+           "diversity": pairwise_l1_diversity(samples)}
+    if hole is not None:
+        ph = psnr(samples, target, weight=hole)
+        out.update(psnr_hole_best_of_n=ph.amax(1), psnr_hole_mean=ph.mean(1))
+    return out
+
+
+def vector_metrics(samples: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Per-input metrics [B] for vector data without known modes: best-of-N and mean L2 error, diversity."""
+    err = (samples - target[:, None]).flatten(2).norm(dim=-1)                 # [B, N]
+    return {"l2_best_of_n": err.amin(1), "l2_mean": err.mean(1), "diversity": pairwise_l1_diversity(samples)}

@@ -1,0 +1,88 @@
+"""What every conditional module shares: data description, generator, optimizers, sampling API, validation."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from cgml_lightning.algorithm import distance
+from cgml_lightning.instantiate import instantiate
+from cgml_lightning.metrics import pairwise_l1_diversity
+from cgml_lightning.nets import build_generator
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+class ConditionalModule(L.LightningModule):
+    """Base for cGML and its baselines. Hyperparameters are plain containers, so checkpoints load with
+    `torch.load(weights_only=True)` and `load_from_checkpoint(path)` needs no other argument.
+
+    data_info: {"kind", "x_shape", "y_shape", "num_train_samples", "fingerprint", "mask_channel"?}, from the datamodule.
+    net: plain generator config ({"name": "mlp"|"unet", ...}); optimizer/scheduler: `_partial_` factories.
+    """
+
+    latent_dim: int = 0
+
+    def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 0, distance: str = "l1",
+                 distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
+                 val_num_samples: int = 4):
+        super().__init__()
+        self.data_info = dict(data_info)
+        self.x_shape, self.y_shape = tuple(data_info["x_shape"]), tuple(data_info["y_shape"])
+        self.latent_dim = latent_dim
+        self.generator = build_generator(net, self.x_shape, self.y_shape, latent_dim)
+        if distance_region not in ("auto", "all", "hole"):
+            raise ValueError(f"model.distance_region must be auto, all or hole; got {distance_region!r}")
+        self.masked = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")
+
+    # ---- data helpers -------------------------------------------------------------------------------------
+    def hole(self, x: Tensor) -> Tensor | None:
+        """The hidden-pixel mask [B, 1, H, W] when the input carries it as its last channel."""
+        return x[:, -1:] if self.data_info.get("mask_channel") else None
+
+    def composite(self, out: Tensor, x: Tensor) -> Tensor:
+        """For completion, keep the visible pixels of the input and take only the hole from the generator."""
+        hole = self.hole(x)
+        return out if hole is None else x[:, :-1] * (1 - hole) + out * hole
+
+    def distance(self, pred: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        return distance(pred, y, self.hparams.distance, weight=self.hole(x) if self.masked else None)
+
+    # ---- optimizers ---------------------------------------------------------------------------------------
+    def build_optimizer(self, params, cfg: dict | None):
+        optimizer = instantiate(cfg or DEFAULT_OPTIMIZER)(params)
+        scheduler = instantiate(self.hparams.scheduler)(optimizer) if self.hparams.scheduler else None
+        return optimizer, scheduler
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+    def sample(self, x: Tensor, num_samples: int = 10, steps: int | None = None,
+               guide: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator | None = None,
+               seed: int | None = None, **kwargs) -> Tensor:
+        """num_samples outputs per input: Tensor[B, N, *y_shape], in eval mode, without gradients."""
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            x = x.to(self.device)
+            with torch.no_grad():
+                out = self._sample(x, num_samples, steps, guide, generator, **kwargs)
+            return self.composite(out.flatten(0, 1), x.repeat_interleave(num_samples, 0)).view(out.shape)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, x, num_samples, steps, guide, generator, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    # ---- validation: best-of-N distance (lower is better) and diversity ----------------------------------------
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, y = batch["x"], batch["y"]
+        n = self.hparams.val_num_samples
+        samples = self.sample(x, num_samples=n, seed=batch_idx)
+        dist = self.distance(samples.flatten(0, 1), y.repeat_interleave(n, 0), x.repeat_interleave(n, 0)).view(len(x), n)
+        self.log("val/best_of_n_distance", dist.amin(1).mean(), prog_bar=True, batch_size=len(x))
+        self.log("val/diversity", pairwise_l1_diversity(samples).mean(), batch_size=len(x))
+
+    test_step = validation_step

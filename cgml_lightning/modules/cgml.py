@@ -1,0 +1,150 @@
+"""CGMLModule: orchestrates the z-phase, Z-phase, table write-back and w-phase of cGML (DESIGN.md section 1)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from cgml_lightning import algorithm as A
+from cgml_lightning.modules.base import ConditionalModule
+from cgml_lightning.nets import DynamicsNet
+
+
+def repeat_feats(feats: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    return tuple(f[rows] for f in feats)
+
+
+class CGMLModule(ConditionalModule):
+    def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
+                 latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
+                 start_candidates: int = 8, restart_prob: float = 0.0, inference_steps: int = 5,
+                 dynamics_target: str = "next", distance: str = "l1", distance_region: str = "auto",
+                 lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
+                 dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
+                 clip_grad_norm: float | None = None, val_num_samples: int = 4):
+        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
+        self.save_hyperparameters()
+        self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
+        self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
+        if self.lipschitz["kind"] not in ("none", "perturbation", "spectral"):
+            raise ValueError(f"model.lipschitz.kind must be none, perturbation or spectral; got {self.lipschitz['kind']!r}")
+        self.dynamics = DynamicsNet(self.generator.feature_dim, latent_dim, **(dynamics_net or {}),
+                                    spectral_norm=self.lipschitz["kind"] == "spectral")
+        n = int(data_info["num_train_samples"])
+        # One z per training example, on the sphere. A frozen Parameter, not a buffer: DDP re-broadcasts
+        # buffers from rank 0 on every forward, which would overwrite rows other ranks just wrote.
+        self.latents = nn.Parameter(A.sphere_sample(n, dim=latent_dim), requires_grad=False)
+
+    # ---- the phases (each touches only its own parameters) --------------------------------------------------
+    def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor) -> Tensor:
+        """z_0 per input: the best of M fresh sphere points and the table's warm start (mode-consistent starts)."""
+        hp, b = self.hparams, len(y)
+        warm = self.latents[index]                                                      # [B, d]
+        if hp.restart_prob > 0:
+            fresh = torch.rand(b, 1, device=y.device) < hp.restart_prob
+            warm = torch.where(fresh, A.sphere_sample(b, dim=hp.latent_dim, device=y.device), warm)
+        if hp.start_candidates <= 0:
+            return warm
+        candidates = torch.cat([warm[None], A.sphere_sample(hp.start_candidates, b, dim=hp.latent_dim, device=y.device)])
+        m = len(candidates)
+        rows = torch.arange(b, device=y.device).repeat(m)                              # row m*B + b -> input b
+        loss_fn = self.loss_fn(repeat_feats(feats, rows), y[rows], x[rows])
+        return A.select_starts(loss_fn, candidates)
+
+    def loss_fn(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return lambda z: self.distance(self.generator.decode(feats, z), y, x)
+
+    def z_phase(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor) -> Tensor:
+        """k projected gradient steps on z only, from the chosen start: the trajectory [k+1, B, d]."""
+        feats = tuple(f.detach() for f in feats)
+        z0 = self.initial_latents(feats, y, x, index)
+        hp = self.hparams
+        return A.z_descent(self.loss_fn(feats, y, x), z0, hp.z_steps, hp.z_lr, hp.momentum)
+
+    def dynamics_phase_loss(self, hbar: Tensor, path: Tensor) -> Tensor:
+        """Regress Z on every step of the trajectory, all k*B pairs in one batch."""
+        z_t, r_t, rho_t = A.dynamics_targets(path, self.hparams.dynamics_target)
+        hbar = hbar.detach().repeat(len(path) - 1, 1)                                   # row t*B + b -> input b
+        r_pred, rho_pred = self.dynamics(hbar, z_t)
+        loss = A.dynamics_loss(r_pred, rho_pred, r_t, rho_t)
+        if self.lipschitz["kind"] == "perturbation" and self.lipschitz["weight"] > 0:
+            step = lambda h, z: torch.cat(self.dynamics(h, z), dim=1)                   # noqa: E731
+            loss = loss + self.lipschitz["weight"] * A.lipschitz_penalty(step, (hbar, z_t), self.lipschitz["sigma"])
+        return loss
+
+    def generator_phase_loss(self, feats: tuple[Tensor, ...], z: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """Fit encoder + decoder at the converged latents, plus the decoder's Lipschitz penalty."""
+        loss = self.distance(self.generator.decode(feats, z), y, x).mean()
+        if self.lipschitz["kind"] == "perturbation" and self.lipschitz["weight"] > 0:
+            decode = lambda z_, *f: self.generator.decode(f, z_)                         # noqa: E731
+            fixed = tuple(f.detach() for f in feats)
+            loss = loss + self.lipschitz["weight"] * A.lipschitz_penalty(decode, (z, *fixed), self.lipschitz["sigma"])
+        return loss
+
+    @torch.no_grad()
+    def write_latents(self, index: Tensor, z: Tensor) -> None:
+        """Store the converged z; gathered from every rank so all ranks hold the same table."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            index, z = self.all_gather(index).flatten(0, 1), self.all_gather(z).flatten(0, 1)
+        self.latents[index] = z.to(self.latents.dtype)
+
+    # ---- Lightning hooks --------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, y, index = batch["x"], batch["y"], batch["index"]
+        opt_w, opt_z = self.optimizers()
+        feats = self.generator.encode(x)                                                # once per batch
+        path = self.z_phase(feats, y, x, index)                                         # [k+1, B, d]
+        self.write_latents(index, path[-1])
+        dyn_loss = self.dynamics_phase_loss(self.generator.summarize(feats), path)
+        w_loss = self.generator_phase_loss(feats, path[-1], y, x)
+        # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
+        opt_w.zero_grad(set_to_none=True)
+        opt_z.zero_grad(set_to_none=True)
+        self.manual_backward(w_loss + dyn_loss)
+        if self.hparams.clip_grad_norm:
+            self.clip_gradients(opt_w, gradient_clip_val=self.hparams.clip_grad_norm, gradient_clip_algorithm="norm")
+        opt_w.step()
+        opt_z.step()
+        self.log_dict({"train/w_loss": w_loss.detach(), "train/dynamics_loss": dyn_loss.detach()},
+                      prog_bar=True, batch_size=len(x))
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+
+    def configure_optimizers(self):
+        opt_w, sched_w = self.build_optimizer(self.generator.parameters(), self.hparams.optimizer)
+        opt_z, sched_z = self.build_optimizer(self.dynamics.parameters(),
+                                              self.hparams.dynamics_optimizer or self.hparams.optimizer)
+        return [opt_w, opt_z], [s for s in (sched_w, sched_z) if s is not None]
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def _sample(self, x: Tensor, num_samples: int, steps: int | None, guide, generator, chunk_size: int = 8192,
+                guide_steps: int = 20, guide_lr: float = 0.1) -> Tensor:
+        steps = self.hparams.inference_steps if steps is None else steps
+        b, n = len(x), num_samples
+        feats = self.generator.encode(x)                                                # once per input
+        hbar = self.generator.summarize(feats)
+        z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)      # row b*N + i -> input b
+        rows = torch.arange(b, device=x.device).repeat_interleave(n)
+        if guide is not None:
+            z = self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr)
+        out = []
+        for chunk in torch.arange(b * n, device=x.device).split(chunk_size):           # bounded memory for large N
+            z_c, h_c = z[chunk], hbar[rows[chunk]]
+            for _ in range(steps):
+                z_c = A.dynamics_step(z_c, *self.dynamics(h_c, z_c))
+            out.append(self.generator.decode(repeat_feats(feats, rows[chunk]), z_c))
+        return torch.cat(out).view(b, n, *self.y_shape)
+
+    def guided_latents(self, feats, z, rows, guide, bn, steps: int, lr: float) -> Tensor:
+        """Steer z by gradient steps on a differentiable penalty guide(samples[B, N, ...]) -> scalar."""
+        feats = repeat_feats(feats, rows)
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(guide(self.generator.decode(feats, z).view(*bn, *self.y_shape)), z)
+            z = A.project(z - lr * grad)
+        return z.detach()

@@ -1,0 +1,37 @@
+"""The deterministic floor: the same generator with z removed, trained with the same distance."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cgml_lightning.modules.base import ConditionalModule
+
+
+class RegressorModule(ConditionalModule):
+    def __init__(self, data_info: dict[str, Any], net: dict[str, Any], distance: str = "l1",
+                 distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
+                 val_num_samples: int = 4):
+        super().__init__(data_info, net, 0, distance, distance_region, optimizer, scheduler, val_num_samples)
+        self.save_hyperparameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.generator.encode(x)
+        return self.generator.decode(feats, x.new_zeros(len(x), 0))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch["x"], batch["y"]
+        loss = self.distance(self(x), y, x).mean()
+        self.log("train/w_loss", loss.detach(), prog_bar=True, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer, scheduler = self.build_optimizer(self.parameters(), self.hparams.optimizer)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, **kwargs) -> Tensor:
+        if guide is not None:
+            raise ValueError("the regressor has no latent to steer: guided sampling needs model=cgml")
+        out = self(x)
+        return out[:, None].expand(len(x), num_samples, *out.shape[1:])

@@ -1,0 +1,70 @@
+"""U-Net generator for images: the encoder keeps its skips, z enters at the bottleneck (and by FiLM per level)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cgml_lightning.nets.layers import init_weights
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"net.norm must be group, batch or none; got {kind!r}")
+
+
+def conv_block(c_in: int, c_out: int, norm: str, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), norm_layer(norm, c_out), nn.SiLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), norm_layer(norm, c_out), nn.SiLU(),
+    )
+
+
+class UNetGenerator(nn.Module):
+    def __init__(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], latent_dim: int,
+                 width: int = 32, depth: int = 2, norm: str = "group", film: bool = True,
+                 spectral_norm: bool = False, out_activation: str = "sigmoid"):
+        super().__init__()
+        if len(x_shape) != 3 or len(y_shape) != 3:
+            raise ValueError(f"the U-Net needs x and y as [C, H, W]; got x {tuple(x_shape)}, y {tuple(y_shape)}")
+        if tuple(x_shape[1:]) != tuple(y_shape[1:]):
+            raise ValueError(f"the U-Net needs x and y of one size; got x {tuple(x_shape)}, y {tuple(y_shape)}")
+        self.y_shape, self.latent_dim = tuple(y_shape), latent_dim
+        channels = [width * 2 ** i for i in range(depth + 1)]             # per level, stem first
+        self.feature_dim = channels[-1]
+        self.stem = conv_block(x_shape[0], channels[0], norm)
+        self.down = nn.ModuleList(conv_block(a, b, norm, stride=2) for a, b in zip(channels[:-1], channels[1:]))
+        self.up = nn.ModuleList(conv_block(b + a, a, norm) for a, b in zip(channels[:-1], channels[1:]))
+        self.head = nn.Conv2d(channels[0], y_shape[0], 1)
+        self.out_activation = {"sigmoid": torch.sigmoid, "none": nn.Identity()}[out_activation]
+        if latent_dim > 0:
+            self.z_in = nn.Linear(latent_dim, channels[-1])                # added at the bottleneck
+            self.film = nn.ModuleList(nn.Linear(latent_dim, 2 * c) for c in channels[:-1]) if film else None
+        init_weights(self, spectral_norm)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, ...]:
+        feats = [self.stem(x)]                                             # [B, c0, H, W]
+        for block in self.down:
+            feats.append(block(feats[-1]))                                 # [B, c_i, H/2^i, W/2^i]
+        return tuple(feats)
+
+    def summarize(self, feats: tuple[Tensor, ...]) -> Tensor:
+        return feats[-1].mean(dim=(2, 3))                                  # [B, c_depth]
+
+    def decode(self, feats: tuple[Tensor, ...], z: Tensor) -> Tensor:
+        h = feats[-1]
+        if self.latent_dim > 0:
+            h = h + self.z_in(z)[:, :, None, None]
+        for level in reversed(range(len(self.up))):
+            skip = feats[level]
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = self.up[level](torch.cat([h, skip], dim=1))                # [B, c_level, ...]
+            if self.latent_dim > 0 and self.film is not None:
+                scale, shift = self.film[level](z)[:, :, None, None].chunk(2, dim=1)
+                h = h * (1 + scale) + shift
+        return self.out_activation(self.head(h))                           # [B, C_out, H, W]

@@ -1,0 +1,73 @@
+"""Pictures of samples: image grids (input | N samples | truth) with PIL, and the toy's samples-vs-x plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_rgb(img: Tensor) -> Tensor:
+    """[C, H, W] in [0, 1] -> [3, H, W]; a trailing mask channel (completion input) is shown as grey."""
+    if img.shape[0] in (2, 4):                                 # visible pixels + mask channel
+        visible, mask = img[:-1], img[-1:]
+        img = visible * (1 - mask) + 0.5 * mask
+    return img.expand(3, *img.shape[1:]) if img.shape[0] == 1 else img[:3]
+
+
+def image_grid(x: Tensor, samples: Tensor, y: Tensor | None = None, scale: int = 4, pad: int = 1) -> Image.Image:
+    """One row per input: input | N samples | truth. x [B, Cx, H, W], samples [B, N, C, H, W], y [B, C, H, W]."""
+    rows = []
+    for b in range(len(samples)):
+        tiles = [to_rgb(x[b])] + [to_rgb(s) for s in samples[b]] + ([to_rgb(y[b])] if y is not None else [])
+        tiles = [torch.nn.functional.pad(t, (pad, pad, pad, pad), value=1.0) for t in tiles]
+        rows.append(torch.cat(tiles, dim=2))
+    grid = torch.cat(rows, dim=1).clamp(0, 1)
+    array = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path, title: str = "") -> None:
+    """Samples against x for each output dimension, with the true modes as lines. x [B, 1], samples [B, N, D]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = samples.shape[-1]
+    fig, axes = plt.subplots(1, dims, figsize=(4 * dims, 3.2), squeeze=False)
+    xs = x[:, :1].expand(-1, samples.shape[1]).cpu()
+    for d, ax in enumerate(axes[0]):
+        if modes is not None:
+            for k in range(modes.shape[1]):
+                ax.plot(x[:, 0].cpu(), modes[:, k, d].cpu(), color="black", lw=1, alpha=0.6)
+        ax.scatter(xs.flatten(), samples[..., d].flatten().cpu(), s=3, alpha=0.4, color="tab:red")
+        ax.set_xlabel("x")
+        ax.set_ylabel(f"y[{d}]")
+    fig.suptitle(title or "samples (red) and true modes (black)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_samples_png(module, datamodule, path: str | Path, num_inputs: int = 8, num_samples: int = 8,
+                     seed: int = 0) -> Path:
+    """The picture a run leaves behind: toy plot for vector data with known modes, image grid for images."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if datamodule.kind == "image":
+        batch = next(iter(datamodule.test_dataloader()))
+        x, y = batch["x"][:num_inputs], batch["y"][:num_inputs]
+        image_grid(x, module.sample(x, num_samples, seed=seed).cpu(), y).save(path)
+    elif hasattr(datamodule, "grid"):
+        x = datamodule.grid(100)
+        toy_plot(x, module.sample(x, num_samples, seed=seed).cpu(), datamodule.modes(x), path)
+    else:                                                      # vector data without known modes: first input dim
+        batch = next(iter(datamodule.test_dataloader()))
+        x = batch["x"][:100]
+        order = x[:, 0].argsort()
+        toy_plot(x[order], module.sample(x[order], num_samples, seed=seed).flatten(2).cpu(), None, path)
+    return path
