@@ -93,8 +93,9 @@ def load_module(path: Path) -> ConditionalModule:
     """Pick the module class from the checkpoint's own keys, then Lightning's load_from_checkpoint (weights_only)."""
     from cgml_lightning.modules import MODULES
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    name = "cgml" if any("latents" in k for k in state["state_dict"]) else "regressor"
+    name = torch.load(path, map_location="cpu", weights_only=True).get("cgml_module")
+    if name not in MODULES:
+        raise ValueError(f"{path}: not a cgml-lightning checkpoint (module {name!r}; known: {sorted(MODULES)})")
     return MODULES[name].load_from_checkpoint(path, map_location="cpu")
 
 

@@ -23,6 +23,7 @@ class ConditionalModule(L.LightningModule):
     net: plain generator config ({"name": "mlp"|"unet", ...}); optimizer/scheduler: `_partial_` factories.
     """
 
+    module_name: str = ""       # the registry key (model=NAME); stored in checkpoints to pick the class on load
     latent_dim: int = 0
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 0, distance: str = "l1",
@@ -36,6 +37,9 @@ class ConditionalModule(L.LightningModule):
         if distance_region not in ("auto", "all", "hole"):
             raise ValueError(f"model.distance_region must be auto, all or hole; got {distance_region!r}")
         self.masked = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cgml_module"] = self.module_name
 
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:

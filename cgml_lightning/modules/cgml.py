@@ -16,6 +16,8 @@ def repeat_feats(feats: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
 
 
 class CGMLModule(ConditionalModule):
+    module_name = "cgml"
+
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
                  latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
                  start_candidates: int = 8, restart_prob: float = 0.0, inference_steps: int = 5,

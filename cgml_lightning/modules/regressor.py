@@ -10,6 +10,8 @@ from cgml_lightning.modules.base import ConditionalModule
 
 
 class RegressorModule(ConditionalModule):
+    module_name = "regressor"
+
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], distance: str = "l1",
                  distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
                  val_num_samples: int = 4):
