@@ -54,17 +54,22 @@ def select_starts(loss_fn: LossFn, candidates: Tensor) -> Tensor:
     return candidates[best, torch.arange(b, device=candidates.device)]  # [B, d]
 
 
-def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: float = 0.0) -> Tensor:
+def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: float = 0.0,
+              normalized: bool = False) -> Tensor:
     """The z-phase: projected gradient descent on z only. Returns the trajectory [k+1, B, d].
 
     Gradients are taken w.r.t. z alone (autograd.grad), so no weight gradient is formed; each step
     starts from a fresh leaf, so no graph survives from one step to the next.
+    normalized: step along the unit gradient with a linearly decaying length lr * (1 - t/k), so z moves
+    as far where the outputs' scale (and thus the gradient) is tiny as where it is large.
     """
     z, velocity, path = z0.detach(), torch.zeros_like(z0), [z0.detach()]
-    for _ in range(steps):
+    for t in range(steps):
         z = z.requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(loss_fn(z).sum(), z)
+        if normalized:
+            grad = (1 - t / steps) * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         velocity = momentum * velocity + grad
         z = project(z.detach() - lr * velocity)
         path.append(z)

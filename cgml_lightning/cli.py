@@ -51,6 +51,11 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     out = output_dir()
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, module)
+    elif cfg.get("init_from"):
+        module.init_weights_from(cfg.init_from, freeze=list(cfg.get("finetune", {}).get("freeze") or []))
+        log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -72,6 +77,21 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                 import wandb
 
                 wandb.finish()
+
+
+def check_resume(path: str, module: ConditionalModule) -> None:
+    """Resuming continues the same run: refuse a checkpoint made on other data or with another latent table."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint: {Path(path).resolve()}")
+    saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    old, new = saved.get("data_info", {}), module.data_info
+    for key in ("num_train_samples", "fingerprint", "x_shape", "y_shape"):
+        if key in old and old[key] != new.get(key):
+            raise ValueError(f"ckpt_path={path} was trained on other data: {key} {old[key]} in the checkpoint vs "
+                             f"{new.get(key)} now. Resume on the same data, or fine-tune with init_from={path}.")
+    if saved.get("latent_dim", module.latent_dim) != module.latent_dim:
+        raise ValueError(f"ckpt_path={path}: latent_dim {saved.get('latent_dim')} in the checkpoint vs "
+                         f"{module.latent_dim} now")
 
 
 def load_for_inference(cfg: DictConfig):

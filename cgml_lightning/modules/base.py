@@ -41,6 +41,28 @@ class ConditionalModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cgml_module"] = self.module_name
 
+    def init_weights_from(self, path: str, freeze: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
+        freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys."""
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        own = self.state_dict()
+        keys = [k for k in own if "latents" not in k]
+        missing = [k for k in keys if k not in state]
+        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in keys if k in state and state[k].shape != own[k].shape]
+        if missing or wrong:
+            raise ValueError(f"init_from={path} does not fit this model:\n  "
+                             + "\n  ".join([f"{k}: missing in checkpoint" for k in missing[:20]] + wrong[:20]))
+        self.load_state_dict({k: state[k] for k in keys}, strict=False)
+        frozen = [n for n, p in self.named_parameters() if any(n.startswith(f) for f in freeze)]
+        if freeze and not frozen:
+            raise ValueError(f"finetune.freeze={list(freeze)} matches no parameter (names look like "
+                             f"{next(iter(dict(self.named_parameters())))!r})")
+        for name, param in self.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+        return keys
+
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:
         """The hidden-pixel mask [B, 1, H, W] when the input carries it as its last channel."""

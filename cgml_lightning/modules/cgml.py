@@ -20,11 +20,12 @@ class CGMLModule(ConditionalModule):
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
                  latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
+                 z_normalized: bool = False,
                  start_candidates: int = 8, restart_prob: float = 0.0, inference_steps: int = 5,
                  dynamics_target: str = "next", distance: str = "l1", distance_region: str = "auto",
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
-                 clip_grad_norm: float | None = None, val_num_samples: int = 4):
+                 clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
         self.save_hyperparameters()
         self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
@@ -37,18 +38,28 @@ class CGMLModule(ConditionalModule):
         # One z per training example, on the sphere. A frozen Parameter, not a buffer: DDP re-broadcasts
         # buffers from rank 0 on every forward, which would overwrite rows other ranks just wrote.
         self.latents = nn.Parameter(A.sphere_sample(n, dim=latent_dim), requires_grad=False)
+        self.nonfinite_streak = 0
 
     # ---- the phases (each touches only its own parameters) --------------------------------------------------
-    def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    def step_generator(self) -> torch.Generator:
+        """Randomness of one training step, derived from (seed, rank, step): a resumed run draws what the
+        uninterrupted run would have drawn (Lightning restores no RNG state)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = self.trainer.global_step if self._trainer is not None else 0
+        return torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * rank + 7_919 * step) % 2**63)
+
+    def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor,
+                        generator: torch.Generator | None = None) -> Tensor:
         """z_0 per input: the best of M fresh sphere points and the table's warm start (mode-consistent starts)."""
         hp, b = self.hparams, len(y)
+        sphere = lambda *shape: A.sphere_sample(*shape, dim=hp.latent_dim, generator=generator).to(y)  # noqa: E731
         warm = self.latents[index]                                                      # [B, d]
         if hp.restart_prob > 0:
-            fresh = torch.rand(b, 1, device=y.device) < hp.restart_prob
-            warm = torch.where(fresh, A.sphere_sample(b, dim=hp.latent_dim, device=y.device), warm)
+            fresh = torch.rand(b, 1, generator=generator).to(y.device) < hp.restart_prob
+            warm = torch.where(fresh, sphere(b), warm)
         if hp.start_candidates <= 0:
             return warm
-        candidates = torch.cat([warm[None], A.sphere_sample(hp.start_candidates, b, dim=hp.latent_dim, device=y.device)])
+        candidates = torch.cat([warm[None], sphere(hp.start_candidates, b)])            # [M+1, B, d]
         m = len(candidates)
         rows = torch.arange(b, device=y.device).repeat(m)                              # row m*B + b -> input b
         loss_fn = self.loss_fn(repeat_feats(feats, rows), y[rows], x[rows])
@@ -57,12 +68,13 @@ class CGMLModule(ConditionalModule):
     def loss_fn(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
         return lambda z: self.distance(self.generator.decode(feats, z), y, x)
 
-    def z_phase(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    def z_phase(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
         """k projected gradient steps on z only, from the chosen start: the trajectory [k+1, B, d]."""
         feats = tuple(f.detach() for f in feats)
-        z0 = self.initial_latents(feats, y, x, index)
+        z0 = self.initial_latents(feats, y, x, index, generator)
         hp = self.hparams
-        return A.z_descent(self.loss_fn(feats, y, x), z0, hp.z_steps, hp.z_lr, hp.momentum)
+        return A.z_descent(self.loss_fn(feats, y, x), z0, hp.z_steps, hp.z_lr, hp.momentum, hp.z_normalized)
 
     def dynamics_phase_loss(self, hbar: Tensor, path: Tensor) -> Tensor:
         """Regress Z on every step of the trajectory, all k*B pairs in one batch."""
@@ -96,10 +108,12 @@ class CGMLModule(ConditionalModule):
         x, y, index = batch["x"], batch["y"], batch["index"]
         opt_w, opt_z = self.optimizers()
         feats = self.generator.encode(x)                                                # once per batch
-        path = self.z_phase(feats, y, x, index)                                         # [k+1, B, d]
-        self.write_latents(index, path[-1])
+        path = self.z_phase(feats, y, x, index, self.step_generator())                  # [k+1, B, d]
         dyn_loss = self.dynamics_phase_loss(self.generator.summarize(feats), path)
         w_loss = self.generator_phase_loss(feats, path[-1], y, x)
+        if not self.all_finite(w_loss, dyn_loss, path[-1]):
+            return self.skip_nonfinite(batch_idx)
+        self.write_latents(index, path[-1])
         # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
         opt_w.zero_grad(set_to_none=True)
         opt_z.zero_grad(set_to_none=True)
@@ -108,8 +122,30 @@ class CGMLModule(ConditionalModule):
             self.clip_gradients(opt_w, gradient_clip_val=self.hparams.clip_grad_norm, gradient_clip_algorithm="norm")
         opt_w.step()
         opt_z.step()
+        self.nonfinite_streak = 0
         self.log_dict({"train/w_loss": w_loss.detach(), "train/dynamics_loss": dyn_loss.detach()},
                       prog_bar=True, batch_size=len(x))
+
+    # ---- NaN/Inf guard: the same decision on every rank -----------------------------------------------------
+    def all_finite(self, *tensors: Tensor) -> bool:
+        ok = torch.tensor(float(all(torch.isfinite(t).all() for t in tensors)), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
+        return bool(ok.item())
+
+    def skip_nonfinite(self, batch_idx: int) -> None:
+        """Skip the batch (no step, no table write); after max_nonfinite_batches in a row, save and stop."""
+        self.nonfinite_streak += 1
+        self.log("train/skipped_nonfinite", float(self.nonfinite_streak), batch_size=1)
+        if self.nonfinite_streak >= self.hparams.max_nonfinite_batches:
+            from pathlib import Path
+
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite_stop.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise FloatingPointError(
+                f"{self.nonfinite_streak} batches in a row gave NaN/Inf losses or latents (last: batch {batch_idx}, "
+                f"step {self.global_step}); saved the last finite state to {path}. Lower the learning rates or "
+                f"z_lr, set model.clip_grad_norm, or run with debug=anomaly to find the op.")
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()

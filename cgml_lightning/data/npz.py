@@ -1,0 +1,55 @@
+"""A user's own arrays: an .npz file with float arrays `x` and `y`, first axis = samples; shapes inferred."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cgml_lightning.data.base import ArrayDataModule
+
+
+class NpzDataModule(ArrayDataModule):
+    kind = "vector"
+
+    def __init__(self, path: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+
+    def load_arrays(self) -> tuple[Tensor, Tensor]:
+        return load_npz(self.path)
+
+
+def load_npz(path: str | None) -> tuple[Tensor, Tensor]:
+    """Read and check x, y from an .npz file; every problem is a ValueError naming the file and the array."""
+    if path is None:
+        raise ValueError("data=npz needs data.path=FILE.npz (an .npz file with float arrays 'x' and 'y')")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data.path: no such file: {file.resolve()}")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{file}: not a readable .npz file without pickled objects ({err})") from err
+    for name in ("x", "y"):
+        if name not in arrays:
+            raise ValueError(f"{file}: missing array {name!r} (found: {sorted(arrays) or 'none'})")
+        a = arrays[name]
+        if a.ndim == 0:
+            raise ValueError(f"{file}: array {name!r} is a scalar; the first axis must index samples")
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+            raise ValueError(f"{file}: array {name!r} has non-numeric dtype {a.dtype}")
+        bad = ~np.isfinite(a.astype(np.float64))
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ValueError(f"{file}: array {name!r} has {int(bad.sum())} NaN/Inf value(s), first in sample {row}")
+    x, y = arrays["x"], arrays["y"]
+    if len(x) != len(y):
+        raise ValueError(f"{file}: arrays 'x' and 'y' differ in length ({len(x)} vs {len(y)} samples)")
+    if len(x) < 3:
+        raise ValueError(f"{file}: needs at least 3 samples to split into train/val/test; got {len(x)}")
+    as_2d = lambda a: a.reshape(len(a), -1) if a.ndim == 1 else a          # noqa: E731  (N,) -> (N, 1)
+    return torch.from_numpy(as_2d(x).astype(np.float32)), torch.from_numpy(as_2d(y).astype(np.float32))
