@@ -65,7 +65,7 @@ def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: floa
     """
     z, velocity, path = z0.detach(), torch.zeros_like(z0), [z0.detach()]
     for t in range(steps):
-        z = z.requires_grad_(True)
+        z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(loss_fn(z).sum(), z)
         if normalized:
@@ -73,7 +73,7 @@ def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: floa
         velocity = momentum * velocity + grad
         z = project(z.detach() - lr * velocity)
         path.append(z)
-    return torch.stack(path)
+    return torch.stack(path).detach()
 
 
 def dynamics_targets(path: Tensor, target: str = "next") -> tuple[Tensor, Tensor, Tensor]:

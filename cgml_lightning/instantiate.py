@@ -26,11 +26,42 @@ def find_targets(cfg: Any, path: str = "") -> list[tuple[str, str]]:
     return found
 
 
+def allowed(name: str) -> bool:
+    return name.startswith(ALLOWED_TARGET_PREFIXES)
+
+
+def resolves_inside_allowlist(target: str) -> bool:
+    """Walk the dotted name as Hydra would; every module passed through and the object reached must belong to an
+    allowed package (so `torch.os.system`, which starts like an allowed name, is refused)."""
+    import importlib
+    import types
+
+    parts = target.split(".")
+    obj, i = None, len(parts)
+    while i > 0:                                                     # the longest importable module prefix
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ImportError:
+            i -= 1
+    if obj is None:
+        return False
+    for part in parts[i:]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+        if isinstance(obj, types.ModuleType) and not allowed(obj.__name__ + "."):
+            return False
+    home = getattr(obj, "__module__", None) or ""
+    return allowed(f"{home}.{getattr(obj, '__qualname__', '')}")
+
+
 def check_targets(cfg: Any) -> None:
-    """Refuse any `_target_` outside the allowlist, naming the key (e.g. a YAML pointing at os.system)."""
+    """Refuse any `_target_` outside the allowlist, naming the key (e.g. a YAML pointing at os.system).
+    Names outside the allowed prefixes are refused without importing anything."""
     for path, target in find_targets(cfg):
-        if not target.startswith(ALLOWED_TARGET_PREFIXES):
-            raise ValueError(f"refusing to instantiate {path}._target_={target!r}: only targets starting with "
+        if not (allowed(target) and resolves_inside_allowlist(target)):
+            raise ValueError(f"refusing to instantiate {path}._target_={target!r}: only targets inside "
                              f"{', '.join(ALLOWED_TARGET_PREFIXES)} are allowed")
 
 

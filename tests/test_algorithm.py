@@ -145,6 +145,20 @@ def test_z_descent_quadratic_converges_to_target_direction():
     assert (cos[-1] > 0.99).all()
 
 
+def test_z_descent_normalized_ignores_gradient_scale():
+    """normalized=True: unit-gradient steps of decaying length, so a loss scaled by 1e-6 takes the same path."""
+    _, loss_fn, _, _ = linear_problem(seed=4)
+    z0 = A.sphere_sample(6, dim=4, generator=torch.Generator().manual_seed(0))
+    big = A.z_descent(loss_fn, z0, steps=4, lr=0.2, normalized=True)
+    tiny = A.z_descent(lambda z: 1e-6 * loss_fn(z), z0, steps=4, lr=0.2, normalized=True)
+    torch.testing.assert_close(big, tiny, rtol=1e-4, atol=1e-5)
+    assert (big[1] - z0).norm(dim=-1).mean() > 0.1                # it really moves despite the scale
+    plain = A.z_descent(lambda z: 1e-6 * loss_fn(z), z0, steps=4, lr=0.2)
+    assert (plain[-1] - z0).norm(dim=-1).max() < 1e-4             # unnormalised: the tiny gradient barely moves
+    with torch.no_grad():
+        assert loss_fn(big[-1]).sum() < loss_fn(big[0]).sum()
+
+
 def test_z_descent_zero_steps():
     _, loss_fn, _, _ = linear_problem()
     z0 = A.sphere_sample(6, dim=4)

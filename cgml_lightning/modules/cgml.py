@@ -160,29 +160,40 @@ class CGMLModule(ConditionalModule):
 
     # ---- inference ----------------------------------------------------------------------------------------
     def _sample(self, x: Tensor, num_samples: int, steps: int | None, guide, generator, chunk_size: int = 8192,
-                guide_steps: int = 20, guide_lr: float = 0.1) -> Tensor:
+                guide_steps: int = 20, guide_lr: float = 0.2) -> Tensor:
         steps = self.hparams.inference_steps if steps is None else steps
         b, n = len(x), num_samples
         feats = self.generator.encode(x)                                                # once per input
         hbar = self.generator.summarize(feats)
         z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)      # row b*N + i -> input b
         rows = torch.arange(b, device=x.device).repeat_interleave(n)
+        z = self.walk(z, hbar, rows, steps, chunk_size)
         if guide is not None:
-            z = self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr)
+            # steer toward the constraint, then let Z pull the latents back onto a learned mode
+            z = self.walk(self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr),
+                          hbar, rows, steps, chunk_size)
+        out = [self.generator.decode(repeat_feats(feats, rows[c]), z[c])
+               for c in torch.arange(b * n, device=x.device).split(chunk_size)]       # bounded memory for large N
+        return torch.cat(out).view(b, n, *self.y_shape)
+
+    def walk(self, z: Tensor, hbar: Tensor, rows: Tensor, steps: int, chunk_size: int) -> Tensor:
+        """`steps` moves of Z's update rule, on the small latent path only (chunked over the B*N rows)."""
         out = []
-        for chunk in torch.arange(b * n, device=x.device).split(chunk_size):           # bounded memory for large N
+        for chunk in torch.arange(len(z), device=z.device).split(chunk_size):
             z_c, h_c = z[chunk], hbar[rows[chunk]]
             for _ in range(steps):
                 z_c = A.dynamics_step(z_c, *self.dynamics(h_c, z_c))
-            out.append(self.generator.decode(repeat_feats(feats, rows[chunk]), z_c))
-        return torch.cat(out).view(b, n, *self.y_shape)
+            out.append(z_c)
+        return torch.cat(out)
 
     def guided_latents(self, feats, z, rows, guide, bn, steps: int, lr: float) -> Tensor:
-        """Steer z by gradient steps on a differentiable penalty guide(samples[B, N, ...]) -> scalar."""
+        """Steer z by normalized gradient steps (length lr, decaying) on a differentiable penalty
+        guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter."""
         feats = repeat_feats(feats, rows)
-        for _ in range(steps):
+        for t in range(steps):
             z = z.detach().requires_grad_(True)
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(guide(self.generator.decode(feats, z).view(*bn, *self.y_shape)), z)
-            z = A.project(z - lr * grad)
+            step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            z = A.project(z.detach() - lr * (1 - t / steps) * step)
         return z.detach()

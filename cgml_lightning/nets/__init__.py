@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from cgml_lightning.nets.discriminator import build_discriminator, build_encoder
 from cgml_lightning.nets.dynamics import DynamicsNet
 from cgml_lightning.nets.layers import init_weights
 from cgml_lightning.nets.mlp import MLPGenerator
@@ -29,4 +30,5 @@ def build_generator(cfg: dict[str, Any], x_shape, y_shape, latent_dim: int) -> n
 
 
 
-__all__ = ["DynamicsNet", "MLPGenerator", "UNetGenerator", "GENERATORS", "build_generator", "init_weights"]
+__all__ = ["DynamicsNet", "MLPGenerator", "UNetGenerator", "GENERATORS", "build_generator", "init_weights",
+           "build_discriminator", "build_encoder"]

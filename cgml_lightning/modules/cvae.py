@@ -1,0 +1,84 @@
+"""Conditional VAE baseline: a recognition net q(z | x, y) in training, the prior N(0, I) at sampling."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cgml_lightning.algorithm import project
+from cgml_lightning.modules.base import ConditionalModule
+from cgml_lightning.nets import build_encoder
+from cgml_lightning.nets.layers import init_weights, mlp
+
+
+def sample_from_prior(module: ConditionalModule, x: Tensor, num_samples: int, generator: torch.Generator | None,
+                      prior: str = "gaussian", chunk_size: int = 8192) -> Tensor:
+    """Decode N prior latents per input: Tensor[B, N, *y_shape]. The encoder runs once per input; the B*N latents
+    are decoded in chunks (row b*N + i -> input b). Randomness comes from `generator` only (drawn on CPU)."""
+    b, n = len(x), num_samples
+    feats = module.generator.encode(x)
+    z = torch.randn(b * n, module.latent_dim, generator=generator).to(x)              # [B*N, d]
+    if prior == "sphere":
+        z = project(z)
+    rows = torch.arange(b, device=x.device).repeat_interleave(n)
+    out = [module.generator.decode(tuple(f[rows[c]] for f in feats), z[c])
+           for c in torch.arange(b * n, device=x.device).split(chunk_size)]
+    return torch.cat(out).view(b, n, *module.y_shape)
+
+
+def no_guide(guide, name: str) -> None:
+    if guide is not None:
+        raise ValueError(f"guided sampling needs model=cgml (its latent dynamics); model={name} samples unguided only")
+
+
+class CVAEModule(ConditionalModule):
+    module_name = "cvae"
+
+    def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 16, beta: float = 1.0,
+                 kl_warmup_steps: int = 1000, free_bits: float = 0.0, posterior_net: dict[str, Any] | None = None,
+                 distance: str = "l1", distance_region: str = "auto", optimizer: dict | None = None,
+                 scheduler: dict | None = None, val_num_samples: int = 4):
+        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
+        self.save_hyperparameters()
+        if latent_dim < 1:
+            raise ValueError(f"model.latent_dim must be >= 1 for the cVAE; got {latent_dim}")
+        cfg = {"width": 64, "depth": 2, **(posterior_net or {})}
+        # q(z | x, y): an encoder of y, joined with the generator's summary hbar of x -> (mu, logvar)
+        self.target_encoder = build_encoder(self.y_shape, cfg["width"], cfg["width"], cfg["depth"])
+        self.posterior = mlp([self.generator.feature_dim + cfg["width"], cfg["width"], 2 * latent_dim])
+        init_weights(self.posterior)
+
+    def encode_posterior(self, hbar: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar), each [B, d]."""
+        mu, logvar = self.posterior(torch.cat([hbar, self.target_encoder(y)], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-10.0, 10.0)
+
+    def kl_weight(self) -> float:
+        """beta, ramped linearly from 0 over kl_warmup_steps, so the decoder learns to use z before KL squeezes it."""
+        hp = self.hparams
+        return hp.beta * min(1.0, (self.global_step + 1) / hp.kl_warmup_steps) if hp.kl_warmup_steps > 0 else hp.beta
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(total, reconstruction, KL); the KL term counts at least free_bits nats per latent dimension."""
+        feats = self.generator.encode(x)
+        mu, logvar = self.encode_posterior(self.generator.summarize(feats), y)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)                              # reparameterisation
+        recon = self.distance(self.generator.decode(feats, z), y, x).mean()
+        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)                # [d], batch mean
+        kl_term = kl_per_dim.clamp_min(self.hparams.free_bits).sum()
+        return recon + self.kl_weight() * kl_term, recon, kl_per_dim.sum()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, recon, kl = self.loss(batch["x"], batch["y"])
+        self.log_dict({"train/loss": loss.detach(), "train/recon": recon.detach(), "train/kl": kl.detach(),
+                       "train/kl_weight": self.kl_weight()}, prog_bar=True, batch_size=len(batch["x"]))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer, scheduler = self.build_optimizer(self.parameters(), self.hparams.optimizer)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, chunk_size: int = 8192) -> Tensor:
+        no_guide(guide, self.module_name)
+        return sample_from_prior(self, x, num_samples, generator, "gaussian", chunk_size)

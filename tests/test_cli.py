@@ -1,0 +1,394 @@
+"""Configs compose, the `_target_` allowlist holds, and the console scripts leave the promised files behind.
+
+The subprocess tests run the installed console scripts (cgml-train, cgml-eval, cgml-sample) from a temporary
+working directory, with W&B disabled. They are the slow part of the suite, so each run is made once (module-scoped
+fixtures) and checked by several tests.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from cgml_lightning.instantiate import check_targets, find_targets, instantiate
+
+TOY_KEYS = {"mode_near_fraction", "mode_coverage"}
+IMAGE_KEYS = {"psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity"}
+CONF = resources.files("cgml_lightning.conf")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in (CONF / group).iterdir() if p.name.endswith(".yaml"))
+
+
+# ---- composing configs ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose_train(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compose")
+
+    def _compose(*overrides: str):
+        """The job's config as the task sees it: Hydra's own node is set aside (HydraConfig), as at run time."""
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out}"], return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
+        yield _compose
+
+
+def test_conf_ships_in_the_package():
+    names = {p.name for p in CONF.iterdir()}
+    assert {"train.yaml", "eval.yaml", "sample.yaml"} <= names
+    for group in ("data", "model", "net", "trainer", "logger", "callbacks", "experiment", "debug", "paths", "hydra"):
+        assert group_options(group), group
+
+
+def test_default_config_composes(compose_train):
+    cfg = compose_train()
+    assert cfg.data._target_ == "cgml_lightning.data.DigitsDataModule"
+    assert cfg.model._target_ == "cgml_lightning.CGMLModule"
+    assert cfg.net.name == "unet"
+    check_targets(cfg)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiment_composes(compose_train, experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    assert cfg.task_name == experiment
+    for key in ("data", "model", "net", "trainer"):
+        assert key in cfg, key
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert container["trainer"]["default_root_dir"] == cfg.paths.output_dir
+    check_targets(cfg)
+    # only user-provided data locations may be left for the command line
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    assert all(k.startswith("data.") for k in missing), missing
+
+
+@pytest.mark.parametrize("experiment", ["toy", "digits_completion"])
+def test_offline_experiment_builds_module(compose_train, experiment):
+    from cgml_lightning.cli import build_datamodule, build_module
+
+    cfg = compose_train(f"experiment={experiment}")
+    assert not OmegaConf.missing_keys(cfg)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    assert module.hparams.latent_dim == cfg.model.latent_dim
+    batch = next(iter(dm.train_dataloader()))
+    out = module.sample(batch["x"][:2], num_samples=2, seed=0)
+    assert out.shape == (2, 2, *batch["y"].shape[1:])
+    # hyperparameters are plain containers (loadable with weights_only=True), never OmegaConf objects
+    for value in module.hparams.values():
+        assert "omegaconf" not in type(value).__module__
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_model_configs_compose(compose_train, model):
+    cfg = compose_train("experiment=toy", f"model={model}")
+    assert cfg.model._target_.startswith("cgml_lightning.")
+    check_targets(cfg)
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "fsdp"])
+def test_trainer_configs_compose(compose_train, trainer):
+    assert trainer in group_options("trainer")
+    cfg = compose_train("experiment=toy", f"trainer={trainer}")
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    expected = {"cpu": ("cpu", 1, None), "gpu": ("gpu", 1, None), "ddp": ("gpu", 4, "ddp"),
+                "ddp_sim": ("cpu", 2, "ddp"), "fsdp": ("gpu", 4, "fsdp")}[trainer]
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("strategy")) == expected
+    assert cfg.trainer.max_epochs == 20                               # the experiment's value survives
+    check_targets(cfg)
+
+
+def test_cpu_trainer_instantiates(compose_train):
+    cfg = compose_train("experiment=toy", "trainer=cpu", "debug=fdr")
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert trainer.fast_dev_run in (True, 1)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
+
+
+@pytest.mark.parametrize("logger", ["none", "csv", "tensorboard", "wandb"])
+def test_logger_configs_compose(compose_train, logger):
+    assert logger in group_options("logger")
+    cfg = compose_train("experiment=toy", f"logger={logger}")
+    check_targets(cfg)
+    loggers = cfg.get("logger") or {}
+    if logger == "none":
+        assert not loggers
+        return
+    (entry,) = loggers.values()
+    assert entry._target_.startswith("lightning.pytorch.loggers.")
+    if logger in ("csv", "tensorboard"):
+        obj = instantiate(entry)
+        assert str(cfg.paths.output_dir) in str(obj.save_dir)
+    else:
+        assert entry.log_model is False                               # offline + log_model errors
+        assert not any("key" in k.lower() for k in entry)             # the API key never lives in a config
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_configs_compose(compose_train, debug):
+    cfg = compose_train("experiment=toy", f"debug={debug}")
+    if debug == "fdr":
+        assert cfg.trainer.fast_dev_run
+    else:
+        assert cfg.trainer.max_epochs == 2
+
+
+def test_eval_and_sample_configs_compose(compose_train):
+    for name in ("eval", "sample"):                                   # (compose_train holds Hydra initialised)
+        cfg = compose(name, overrides=["ckpt_path=/some/last.ckpt"])
+        assert cfg.ckpt_path == "/some/last.ckpt"
+        assert cfg.num_samples > 0
+        assert "data" not in cfg or cfg.data is None                  # the checkpoint's data by default
+        check_targets(cfg)
+
+
+# ---- the _target_ allowlist ----------------------------------------------------------------------------------
+def test_check_targets_refuses_os_system():
+    with pytest.raises(ValueError) as err:
+        check_targets({"_target_": "os.system", "command": "echo hi"})
+    assert "os.system" in str(err.value) and "<root>" in str(err.value)
+
+
+def test_check_targets_names_the_nested_key():
+    cfg = {"model": {"_target_": "cgml_lightning.CGMLModule",
+                     "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True}},
+           "callbacks": {"evil": [{"_target_": "torch.optim.SGD"}, {"_target_": "subprocess.run", "args": ["ls"]}]}}
+    with pytest.raises(ValueError) as err:
+        check_targets(OmegaConf.create(cfg))
+    assert "callbacks.evil[1]._target_" in str(err.value) and "subprocess.run" in str(err.value)
+    assert ("model.optimizer", "torch.optim.Adam") in find_targets(cfg)
+
+
+def test_check_targets_accepts_the_shipped_prefixes():
+    check_targets({"a": {"_target_": "torch.optim.Adam"}, "b": {"_target_": "lightning.Trainer"},
+                   "c": {"_target_": "cgml_lightning.data.ToyDataModule"}})
+
+
+@pytest.mark.parametrize("target", ["torch.os.system", "torch.sys.modules",
+                                    "lightning.pytorch.trainer.trainer.os.system"])
+def test_check_targets_refuses_modules_reached_through_allowed_ones(target):
+    """`torch.os.system` starts with an allowed prefix, yet Hydra resolves it to os.system through torch's own
+    `import os`: the allowlist must judge what a target resolves to, not how its name starts."""
+    with pytest.raises(ValueError, match="refusing"):
+        check_targets({"x": {"_target_": target}})
+
+
+def test_instantiate_refuses_before_calling(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("still here")
+    with pytest.raises(ValueError, match="os.remove"):
+        instantiate({"_target_": "os.remove", "path": str(victim)})
+    assert victim.exists()
+
+
+def test_run_train_refuses_a_bad_target_before_anything_runs(compose_train, tmp_path):
+    from cgml_lightning.cli import run_train
+
+    flag = tmp_path / "pwned"
+    cfg = compose_train("experiment=toy", "debug=fdr", "+callbacks.evil._target_=os.system",
+                        f"+callbacks.evil.command='touch {flag}'")
+    with pytest.raises(ValueError, match=r"callbacks\.evil\._target_"):
+        run_train(cfg)
+    assert not flag.exists()
+
+
+# ---- console scripts as subprocesses -------------------------------------------------------------------------
+SCRIPTS = {"cgml-train": "train", "cgml-eval": "evaluate", "cgml-sample": "sample"}
+
+
+def script_command(name: str) -> list[str]:
+    """The console script next to this interpreter (the venv's), else on PATH, else its entry point via -c."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, "-c", f"from cgml_lightning.cli import {SCRIPTS[name]}; {SCRIPTS[name]}()"]
+
+
+def run_cli(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PWD": str(cwd), "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([*script_command(name), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{name} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+                    f"\n--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    assert path.is_file(), f"no metrics.json in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
+    metrics = json.loads(path.read_text())
+    assert isinstance(metrics, dict)
+    for key, value in metrics.items():
+        if key == "fid" and value is None:                            # DESIGN: null when no feature net
+            continue
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        assert math.isfinite(value), (key, value)
+    return metrics
+
+
+def assert_run_artifacts(run_dir: Path) -> None:
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert "state_dict" in state
+    png = run_dir / "samples.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli_cwd")
+
+
+@pytest.fixture(scope="module")
+def toy_run(workdir) -> Path:
+    run_dir = workdir / "toy_run"
+    run_cli("cgml-train", "experiment=toy", "debug=fdr", f"hydra.run.dir={run_dir}", cwd=workdir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def digits_run(workdir) -> Path:
+    run_dir = workdir / "digits_run"
+    run_cli("cgml-train", "experiment=digits_completion", "debug=fdr", "logger=tensorboard",
+            f"hydra.run.dir={run_dir}", cwd=workdir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def npz_file(workdir) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.random(300)
+    y = np.stack([np.sign(rng.random(300) - 0.5) * x, x ** 2], axis=1)
+    path = workdir / "my data.npz"                                    # a space in the name, as users have
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def npz_run(workdir, npz_file) -> Path:
+    run_dir = workdir / "npz_run"
+    run_cli("cgml-train", "experiment=toy", "data=npz", f"data.path={npz_file}", "debug=limit",
+            f"hydra.run.dir={run_dir}", cwd=workdir)
+    return run_dir
+
+
+def test_train_toy_fdr(toy_run):
+    assert_run_artifacts(toy_run)
+    metrics = read_metrics(toy_run)
+    assert TOY_KEYS <= set(metrics)
+    assert 0.0 <= metrics["mode_near_fraction"] <= 1.0 and 0.0 <= metrics["mode_coverage"] <= 1.0
+    ckpt = torch.load(toy_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    latents = [v for k, v in ckpt["state_dict"].items() if "latents" in k]
+    assert latents and latents[0].shape[1] == 10                       # experiment=toy: latent_dim 10
+
+
+def test_train_digits_completion_fdr(digits_run):
+    assert_run_artifacts(digits_run)
+    metrics = read_metrics(digits_run)
+    assert IMAGE_KEYS <= set(metrics)
+    assert metrics["psnr_best_of_n"] >= metrics["psnr_mean"]
+    assert 0.0 <= metrics["ssim_best_of_n"] <= 1.0 and metrics["diversity"] >= 0.0
+
+
+def test_train_npz_limit_with_csv_logger(npz_run):
+    assert_run_artifacts(npz_run)
+    metrics = read_metrics(npz_run)
+    assert metrics["epochs"] == 2
+    assert {"l2_best_of_n", "l2_mean", "diversity"} <= set(metrics)
+    csv_files = list(npz_run.rglob("metrics.csv"))                     # logger=csv is the default
+    assert csv_files, sorted(str(p.relative_to(npz_run)) for p in npz_run.rglob("*"))
+    header = csv_files[0].read_text().splitlines()[0].split(",")
+    assert "val/best_of_n_distance" in header
+    ckpt = torch.load(npz_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (table,) = [v for k, v in ckpt["state_dict"].items() if "latents" in k]
+    assert table.shape == (240, 10)                                     # 300 rows, 10% val, 10% test; latent_dim 10
+
+
+def test_train_bad_npz_fails_fast(workdir):
+    bad = workdir / "no_y.npz"
+    np.savez(bad, x=np.zeros(20))
+    run_dir = workdir / "bad_run"
+    proc = run_cli("cgml-train", "experiment=toy", "data=npz", f"data.path={bad}", "debug=limit",
+                   f"hydra.run.dir={run_dir}", cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr and "missing array 'y'" in proc.stderr, proc.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_eval_from_checkpoint(toy_run, workdir):
+    out = workdir / "eval_run"
+    run_cli("cgml-eval", f"ckpt_path={toy_run / 'checkpoints' / 'last.ckpt'}", "num_samples=3",
+            f"hydra.run.dir={out}", cwd=workdir)
+    metrics = read_metrics(out)
+    assert TOY_KEYS <= set(metrics)
+    assert metrics["num_samples"] == 3
+
+
+def test_sample_from_checkpoint(digits_run, workdir):
+    out = workdir / "sample_run"
+    run_cli("cgml-sample", f"ckpt_path={digits_run / 'checkpoints' / 'last.ckpt'}", "num_samples=3",
+            "num_inputs=4", f"hydra.run.dir={out}", cwd=workdir)
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = torch.load(out / "samples.pt", map_location="cpu", weights_only=True)
+    assert saved["samples"].shape == (4, 3, 1, 8, 8)
+    assert saved["x"].shape == (4, 2, 8, 8)
+    # completion: the visible pixels of every sample are the input's
+    visible = (saved["x"][:, -1:] == 0).expand(4, 1, 8, 8)
+    for i in range(3):
+        assert torch.equal(saved["samples"][:, i][visible], saved["x"][:, :-1][visible])
+
+
+def test_eval_missing_checkpoint_fails(tmp_path):
+    from cgml_lightning.cli import load_for_inference
+
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_for_inference(OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt")}))
+
+
+def test_multirun_sweep(workdir):
+    """-m over two values: two job dirs, each with its own metrics and checkpoint."""
+    sweep = workdir / "sweep"
+    run_cli("cgml-train", "-m", "experiment=toy", "model.z_steps=1,2", "debug=fdr", f"hydra.sweep.dir={sweep}",
+            cwd=workdir)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, z_steps in zip(jobs, (1, 2)):
+        assert TOY_KEYS <= set(read_metrics(job))
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert ckpt["hyper_parameters"]["z_steps"] == z_steps
+
+
+def test_train_regressor_fdr(workdir):
+    """The deterministic baseline on the same experiment (the experiment sets model.latent_dim for cgml)."""
+    run_dir = workdir / "regressor_run"
+    run_cli("cgml-train", "experiment=toy", "model=regressor", "debug=fdr", f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert_run_artifacts(run_dir)
+    metrics = read_metrics(run_dir)
+    assert TOY_KEYS <= set(metrics)
+    assert metrics["mode_coverage"] == 0.0                          # N identical samples never cover both modes
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any("latents" in k for k in ckpt["state_dict"])

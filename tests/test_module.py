@@ -1,0 +1,312 @@
+"""CGMLModule / RegressorModule: phase separation, latent table, sampling API, checkpoints, completion composite."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from cgml_lightning import CGMLModule, RegressorModule
+from cgml_lightning.data import DigitsDataModule, ToyDataModule
+from cgml_lightning.metrics import pairwise_l1_diversity
+
+MLP_NET = {"name": "mlp", "width": 32, "depth": 2}
+UNET_NET = {"name": "unet", "width": 8, "depth": 2}
+SMALL = dict(latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
+
+
+def tiny_trainer(max_epochs: int = 2, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                     num_sanity_val_steps=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def toy_dm():
+    dm = ToyDataModule(num_samples=256, batch_size=64, eval_batch_size=64)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def digits_dm():
+    dm = DigitsDataModule(max_train_samples=64, batch_size=32, eval_batch_size=32)
+    dm.setup()
+    return dm
+
+
+def make_module(case: str, toy_dm, digits_dm, **kwargs) -> tuple[CGMLModule, dict]:
+    torch.manual_seed(0)
+    if case == "mlp":
+        dm, net = toy_dm, MLP_NET
+    else:
+        dm, net = digits_dm, UNET_NET
+    module = CGMLModule(dm.info(), net, **{**SMALL, **kwargs})
+    batch = next(iter(dm.train_dataloader()))
+    return module, batch
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fitted(toy_dm, tmp_path_factory):
+    """A CGMLModule fitted 2 tiny epochs on the toy, its latent table before the fit, and a saved checkpoint."""
+    L.seed_everything(0)
+    module = CGMLModule(toy_dm.info(), MLP_NET, **SMALL)
+    before = snapshot(module)
+    trainer = tiny_trainer(max_epochs=2)
+    trainer.fit(module, datamodule=toy_dm)
+    path = tmp_path_factory.mktemp("ckpt") / "toy.ckpt"
+    trainer.save_checkpoint(path)
+    return module, before, path
+
+
+# ---- the phases touch only their own parameters --------------------------------------------------------------
+@pytest.mark.parametrize("case", ["mlp", "unet"])
+def test_z_phase_changes_no_weight(case, toy_dm, digits_dm):
+    module, batch = make_module(case, toy_dm, digits_dm)
+    module.train()
+    x, y, index = batch["x"], batch["y"], batch["index"]
+    before = snapshot(module)
+    feats = module.generator.encode(x)
+    path = module.z_phase(feats, y, x, index)
+    assert path.shape == (SMALL["z_steps"] + 1, len(x), SMALL["latent_dim"])
+    torch.testing.assert_close(path.norm(dim=-1), torch.ones(path.shape[:2]))
+    for name, p in module.named_parameters():
+        assert p.grad is None, name
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name        # weights, and the latent table (written later)
+
+
+@pytest.mark.parametrize("case", ["mlp", "unet"])
+def test_z_phase_returns_plain_data(case, toy_dm, digits_dm):
+    module, batch = make_module(case, toy_dm, digits_dm)
+    x, y, index = batch["x"], batch["y"], batch["index"]
+    path = module.z_phase(module.generator.encode(x), y, x, index)
+    assert not path.requires_grad and path.grad_fn is None
+
+
+@pytest.mark.parametrize("case", ["mlp", "unet"])
+def test_z_phase_start_is_no_worse_than_warm_start(case, toy_dm, digits_dm):
+    module, batch = make_module(case, toy_dm, digits_dm)
+    x, y, index = batch["x"], batch["y"], batch["index"]
+    with torch.no_grad():
+        feats = module.generator.encode(x)
+        loss_fn = module.loss_fn(feats, y, x)
+        start = module.initial_latents(feats, y, x, index)
+        assert (loss_fn(start) <= loss_fn(module.latents[index]) + 1e-5).all()
+
+
+@pytest.mark.parametrize("lipschitz", [None, {"kind": "perturbation", "weight": 0.1}])
+@pytest.mark.parametrize("case", ["mlp", "unet"])
+def test_dynamics_phase_grads_only_dynamics(case, lipschitz, toy_dm, digits_dm):
+    module, batch = make_module(case, toy_dm, digits_dm, lipschitz=lipschitz)
+    x, y, index = batch["x"], batch["y"], batch["index"]
+    feats = module.generator.encode(x)
+    path = module.z_phase(feats, y, x, index)
+    loss = module.dynamics_phase_loss(module.generator.summarize(feats), path)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for name, p in module.generator.named_parameters():
+        assert p.grad is None, f"generator.{name} got a gradient from the dynamics loss"
+    assert module.latents.grad is None
+    grads = [p.grad for p in module.dynamics.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("lipschitz", [None, {"kind": "perturbation", "weight": 0.1}])
+@pytest.mark.parametrize("case", ["mlp", "unet"])
+def test_generator_phase_grads_no_dynamics(case, lipschitz, toy_dm, digits_dm):
+    module, batch = make_module(case, toy_dm, digits_dm, lipschitz=lipschitz)
+    x, y, index = batch["x"], batch["y"], batch["index"]
+    feats = module.generator.encode(x)
+    path = module.z_phase(feats, y, x, index)
+    loss = module.generator_phase_loss(feats, path[-1], y, x)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for name, p in module.dynamics.named_parameters():
+        assert p.grad is None, f"dynamics.{name} got a gradient from the generator loss"
+    assert module.latents.grad is None
+    for name, p in module.generator.named_parameters():
+        assert p.grad is not None, f"generator.{name} got no gradient"
+
+
+def test_unknown_lipschitz_kind_rejected(toy_dm):
+    with pytest.raises(ValueError, match="lipschitz.kind"):
+        CGMLModule(toy_dm.info(), MLP_NET, **SMALL, lipschitz={"kind": "bogus"})
+
+
+def test_masked_distance_ignores_visible_pixels(digits_dm):
+    module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    batch = next(iter(digits_dm.train_dataloader()))
+    x, y = batch["x"], batch["y"]
+    hole = x[:, -1:]
+    pred = y + 0.5 * (1 - hole)                                  # wrong only where the pixels are visible
+    torch.testing.assert_close(module.distance(pred, y, x), torch.zeros(len(x)))
+    assert (module.distance(y + 0.5 * hole, y, x) > 0).all()     # wrong in the hole: counted
+
+
+# ---- a full (tiny) fit -------------------------------------------------------------------------------------------
+def test_fit_updates_latents_of_seen_rows_and_keeps_them_on_sphere(fitted, toy_dm):
+    module, before, _ = fitted
+    after = module.latents.detach()
+    n = toy_dm.info()["num_train_samples"]
+    assert after.shape == (n, SMALL["latent_dim"])
+    # 2 epochs over every training row: every row was written
+    changed = (after - before["latents"]).norm(dim=1) > 1e-6
+    assert changed.all(), f"{int((~changed).sum())} of {n} rows never updated"
+    torch.testing.assert_close(after.norm(dim=1), torch.ones(n))
+    assert not module.latents.requires_grad
+
+
+def test_fit_updates_both_networks(fitted):
+    module, before, _ = fitted
+    state = module.state_dict()
+    for prefix in ("generator.", "dynamics."):
+        keys = [k for k in state if k.startswith(prefix)]
+        assert keys and any(not torch.equal(state[k], before[k]) for k in keys), prefix
+
+
+def test_fit_unet_updates_latents(digits_dm):
+    L.seed_everything(0)
+    module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    before = module.latents.detach().clone()
+    tiny_trainer(max_epochs=1).fit(module, datamodule=digits_dm)
+    changed = (module.latents.detach() - before).norm(dim=1) > 1e-6
+    assert changed.all()
+    torch.testing.assert_close(module.latents.detach().norm(dim=1), torch.ones(64))
+
+
+# ---- sampling API --------------------------------------------------------------------------------------------
+def test_sample_shape_and_no_grad(fitted, toy_dm):
+    module, _, _ = fitted
+    module.zero_grad(set_to_none=True)
+    x = toy_dm.grid(5)
+    out = module.sample(x, num_samples=4, seed=0)
+    assert out.shape == (5, 4, 3)
+    assert not out.requires_grad and out.grad_fn is None
+    assert torch.isfinite(out).all()
+    assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_sample_restores_training_mode(fitted, toy_dm, mode):
+    module, _, _ = fitted
+    module.train(mode)
+    module.sample(toy_dm.grid(3), num_samples=2, seed=0)
+    assert module.training is mode
+    assert all(m.training is mode for m in module.modules())
+    module.eval()
+
+
+def test_sample_reproducible_with_seed_and_generator(fitted, toy_dm):
+    module, _, _ = fitted
+    x = toy_dm.grid(6)
+    a = module.sample(x, num_samples=5, seed=3)
+    b = module.sample(x, num_samples=5, seed=3)
+    c = module.sample(x, num_samples=5, generator=torch.Generator().manual_seed(3))
+    d = module.sample(x, num_samples=5, seed=4)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+    assert not torch.allclose(a, d)
+
+
+def test_sample_steps_argument(fitted, toy_dm):
+    module, _, _ = fitted
+    x = toy_dm.grid(4)
+    zero = module.sample(x, num_samples=3, seed=0, steps=0)
+    five = module.sample(x, num_samples=3, seed=0, steps=5)
+    assert zero.shape == five.shape == (4, 3, 3)
+    assert not torch.allclose(zero, five)                       # the Z-steps move the latents
+    assert torch.equal(module.sample(x, num_samples=3, seed=0), five)   # default inference_steps=5
+
+
+def test_cgml_samples_are_diverse(fitted, toy_dm):
+    module, _, _ = fitted
+    samples = module.sample(toy_dm.grid(8), num_samples=6, seed=0)
+    assert (pairwise_l1_diversity(samples) > 0).all()
+    assert not torch.allclose(samples[:, 0], samples[:, 1])
+
+
+def test_regressor_samples_identical_and_unguidable(toy_dm):
+    torch.manual_seed(0)
+    module = RegressorModule(toy_dm.info(), MLP_NET)
+    x = toy_dm.grid(5)
+    out = module.sample(x, num_samples=4, seed=0)
+    assert out.shape == (5, 4, 3)
+    assert torch.equal(out, out[:, :1].expand_as(out))
+    assert (pairwise_l1_diversity(out) == 0).all()
+    assert not out.requires_grad
+    with pytest.raises(ValueError, match="guid"):
+        module.sample(x, num_samples=2, guide=lambda s: s.mean())
+
+
+@pytest.mark.parametrize("steps", [0, None])
+def test_guided_sampling_moves_samples_the_right_way(fitted, toy_dm, steps):
+    """A guide penalising the samples' sum must lower the samples' mean, raising it when negated, with or without
+    the inference Z-steps (steps=None: the module's default inference_steps)."""
+    module, _, _ = fitted
+    module.zero_grad(set_to_none=True)
+    x = toy_dm.grid(8)
+    free = module.sample(x, num_samples=6, seed=0, steps=steps)
+    down = module.sample(x, num_samples=6, seed=0, steps=steps, guide=lambda s: s.sum())
+    up = module.sample(x, num_samples=6, seed=0, steps=steps, guide=lambda s: -s.sum())
+    assert down.shape == up.shape == free.shape
+    assert not down.requires_grad
+    assert down.mean() < free.mean() < up.mean()
+    assert all(p.grad is None for p in module.parameters())
+    assert not module.training
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip(fitted, toy_dm):
+    module, _, path = fitted
+    loaded = CGMLModule.load_from_checkpoint(path, map_location="cpu")
+    assert isinstance(loaded, CGMLModule)
+    x = toy_dm.grid(6)
+    assert torch.equal(loaded.sample(x, num_samples=4, seed=1), module.sample(x, num_samples=4, seed=1))
+    assert torch.equal(loaded.latents, module.latents)
+    assert loaded.hparams.latent_dim == SMALL["latent_dim"]
+
+
+def test_checkpoint_loads_weights_only_and_holds_latent_table(fitted, toy_dm):
+    module, _, path = fitted
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = [k for k in ckpt["state_dict"] if "latents" in k]
+    assert keys, sorted(ckpt["state_dict"])
+    table = ckpt["state_dict"][keys[0]]
+    assert tuple(table.shape) == (toy_dm.info()["num_train_samples"], SMALL["latent_dim"])
+    assert torch.equal(table, module.latents.detach())
+
+
+def test_regressor_checkpoint_round_trip(toy_dm, tmp_path):
+    L.seed_everything(0)
+    module = RegressorModule(toy_dm.info(), MLP_NET)
+    trainer = tiny_trainer(max_epochs=1)
+    trainer.fit(module, datamodule=toy_dm)
+    path = tmp_path / "reg.ckpt"
+    trainer.save_checkpoint(path)
+    torch.load(path, map_location="cpu", weights_only=True)
+    loaded = RegressorModule.load_from_checkpoint(path, map_location="cpu")
+    x = toy_dm.grid(4)
+    assert torch.equal(loaded.sample(x, num_samples=2), module.sample(x, num_samples=2))
+
+
+# ---- completion: the visible pixels are the input's ---------------------------------------------------------
+def test_completion_keeps_visible_pixels_exactly(digits_dm):
+    torch.manual_seed(0)
+    module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    batch = next(iter(digits_dm.test_dataloader()))
+    x, y = batch["x"][:6], batch["y"][:6]
+    samples = module.sample(x, num_samples=3, seed=0)
+    assert samples.shape == (6, 3, 1, 8, 8)
+    visible = (x[:, -1:] == 0).expand_as(y)                       # mask channel: 1 = hidden
+    assert visible.any() and (~visible).any()
+    for i in range(3):
+        assert torch.equal(samples[:, i][visible], x[:, :-1][visible])
+        assert torch.equal(samples[:, i][visible], y[visible])
+    # the hole is the generator's: it varies with z
+    hole = ~visible
+    assert not torch.equal(samples[:, 0][hole], samples[:, 1][hole])

@@ -1,0 +1,138 @@
+"""data=npz: a user's own arrays. Good files give inferred shapes; every bad file fails with a message naming it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cgml_lightning.data import NpzDataModule, load_npz
+
+
+def write(tmp_path, name: str = "data.npz", **arrays) -> str:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def good_arrays(n: int = 50):
+    rng = np.random.default_rng(0)
+    return {"x": rng.random(n).astype(np.float64), "y": rng.random((n, 3)).astype(np.float32)}
+
+
+def test_load_npz_good_file_1d_and_2d(tmp_path):
+    arrays = good_arrays()
+    x, y = load_npz(write(tmp_path, **arrays))
+    assert x.shape == (50, 1) and y.shape == (50, 3)
+    assert x.dtype == torch.float32 and y.dtype == torch.float32
+    np.testing.assert_allclose(x[:, 0].numpy(), arrays["x"], rtol=1e-6)
+    np.testing.assert_allclose(y.numpy(), arrays["y"], rtol=1e-6)
+
+
+def test_load_npz_integer_arrays_become_float(tmp_path):
+    x, y = load_npz(write(tmp_path, x=np.arange(10), y=np.arange(20).reshape(10, 2)))
+    assert x.dtype == y.dtype == torch.float32
+    assert y[3].tolist() == [6.0, 7.0]
+
+
+def test_npz_datamodule_infers_shapes(tmp_path):
+    dm = NpzDataModule(path=write(tmp_path, **good_arrays()), batch_size=8, val_fraction=0.1, test_fraction=0.1)
+    info = dm.info()
+    assert info["x_shape"] == [1]
+    assert info["y_shape"] == [3]
+    assert info["num_train_samples"] == 40
+    assert info["kind"] == "vector" and info["mask_channel"] is False
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (8, 1) and batch["y"].shape == (8, 3)
+    assert batch["index"].dtype == torch.long
+    assert ((batch["index"] >= 0) & (batch["index"] < 40)).all()
+
+
+def test_npz_datamodule_multidim_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    path = write(tmp_path, x=rng.random((30, 2, 4)), y=rng.random((30, 5)))
+    info = NpzDataModule(path=path).info()
+    assert info["x_shape"] == [2, 4] and info["y_shape"] == [5]
+
+
+def test_npz_extra_arrays_are_ignored(tmp_path):
+    arrays = good_arrays()
+    x, y = load_npz(write(tmp_path, notes=np.array(["hello"]), **arrays))
+    assert x.shape == (50, 1) and y.shape == (50, 3)
+
+
+# ---- every problem: an error naming the file and the problem ------------------------------------------------
+def test_npz_path_none():
+    with pytest.raises(ValueError, match="data.path"):
+        load_npz(None)
+    with pytest.raises(ValueError, match="data.path"):
+        NpzDataModule(path=None).info()
+
+
+def test_npz_missing_file(tmp_path):
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(FileNotFoundError) as err:
+        load_npz(str(missing))
+    assert "nope.npz" in str(err.value) and "no such file" in str(err.value)
+
+
+def assert_bad(path: str, *fragments: str, error=ValueError):
+    with pytest.raises(error) as err:
+        load_npz(path)
+    message = str(err.value)
+    assert path in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    # and the same through the datamodule
+    with pytest.raises(error) as err2:
+        NpzDataModule(path=path).info()
+    assert path in str(err2.value)
+
+
+def test_npz_missing_y(tmp_path):
+    assert_bad(write(tmp_path, x=np.zeros(10), z=np.zeros(10)), "missing array 'y'", "'x'", "'z'")
+
+
+def test_npz_missing_x(tmp_path):
+    assert_bad(write(tmp_path, y=np.zeros(10)), "missing array 'x'")
+
+
+def test_npz_length_mismatch(tmp_path):
+    assert_bad(write(tmp_path, x=np.zeros(10), y=np.zeros((12, 2))), "differ in length", "10", "12")
+
+
+def test_npz_string_array(tmp_path):
+    assert_bad(write(tmp_path, x=np.array(["a", "b", "c", "d"]), y=np.zeros(4)), "'x'", "non-numeric")
+
+
+def test_npz_nan(tmp_path):
+    y = np.zeros((10, 2))
+    y[7, 1] = np.nan
+    assert_bad(write(tmp_path, x=np.zeros(10), y=y), "'y'", "NaN", "sample 7")
+
+
+def test_npz_inf(tmp_path):
+    x = np.zeros(10)
+    x[3] = -np.inf
+    assert_bad(write(tmp_path, x=x, y=np.zeros(10)), "'x'", "Inf", "sample 3")
+
+
+def test_npz_object_array_is_refused(tmp_path):
+    x = np.empty(4, dtype=object)
+    x[:] = [1.0, "a", None, {"k": 1}]
+    path = tmp_path / "pickled.npz"
+    np.savez(path, x=x, y=np.zeros(4))
+    assert_bad(str(path), "pickled")
+
+
+def test_npz_not_a_zip(tmp_path):
+    path = tmp_path / "garbage.npz"
+    path.write_bytes(b"this is not an npz archive at all")
+    assert_bad(str(path), "not a readable .npz")
+
+
+def test_npz_scalar_array(tmp_path):
+    assert_bad(write(tmp_path, x=np.float64(1.0), y=np.zeros(4)), "'x'", "scalar")
+
+
+def test_npz_too_few_samples(tmp_path):
+    assert_bad(write(tmp_path, x=np.zeros(2), y=np.zeros(2)), "at least 3")
