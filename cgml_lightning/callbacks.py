@@ -10,14 +10,17 @@ from cgml_lightning.plots import save_samples_png
 
 
 class SampleGrid(L.Callback):
-    """Writes DIRPATH/epoch_XXX.png (input | N samples | truth, or the toy plot) after each validation epoch."""
+    """Writes DIRPATH/epoch_XXX.png (input | N samples | truth, or the toy plot) every `every_n_epochs` validations."""
 
-    def __init__(self, dirpath: str, num_inputs: int = 8, num_samples: int = 8, seed: int = 0):
+    def __init__(self, dirpath: str, num_inputs: int = 8, num_samples: int = 8, seed: int = 0, every_n_epochs: int = 1):
         self.dirpath, self.num_inputs, self.num_samples, self.seed = Path(dirpath), num_inputs, num_samples, seed
+        self.every_n_epochs = every_n_epochs
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.datamodule is None:
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if trainer.sanity_checking or trainer.datamodule is None or (
+                (trainer.current_epoch + 1) % self.every_n_epochs and not last):
             return
         path = save_samples_png(module, trainer.datamodule, self.dirpath / f"epoch_{trainer.current_epoch:03d}.png",
                                 self.num_inputs, self.num_samples, self.seed)
@@ -38,6 +41,7 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self, dirpath: str, filename: str = "last.ckpt"):
         self.path = Path(dirpath) / filename
         self.requested = False
+        self.preempted = False          # read by cgml-train: a preempted run exits non-zero, without metrics
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         import signal
@@ -65,6 +69,7 @@ class PreemptionCheckpoint(L.Callback):
         if self.requested:
             self.requested = False
             self._save_and_report(trainer, "SIGUSR1")
+            self.preempted = True
             trainer.should_stop = True
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cgml_lightning.evaluation import evaluate as evaluate_module
@@ -51,16 +53,23 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     out = output_dir()
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    freeze = list((cfg.get("finetune") or {}).get("freeze") or [])
     if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, module)
+        check_resume(cfg.ckpt_path, module, cfg)
     elif cfg.get("init_from"):
-        module.init_weights_from(cfg.init_from, freeze=list(cfg.get("finetune", {}).get("freeze") or []))
+        module.init_weights_from(cfg.init_from)
         log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
+    module.freeze_prefixes(freeze)                               # on resume too: a fine-tune stays frozen
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException as err:                          # checkpoint saved by PreemptionCheckpoint
+            raise SystemExit(128 + signal.SIGTERM) from err
+        if any(getattr(c, "preempted", False) for c in callbacks):
+            raise SystemExit(128 + signal.SIGUSR1)               # stopped on request: not a finished run
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
@@ -79,11 +88,19 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                 wandb.finish()
 
 
-def check_resume(path: str, module: ConditionalModule) -> None:
-    """Resuming continues the same run: refuse a checkpoint made on other data or with another latent table."""
+def check_resume(path: str, module: ConditionalModule, cfg: DictConfig) -> None:
+    """Resuming continues the same run: refuse a checkpoint made on other data, with another latent table, or
+    with another schedule length (Lightning would restore the old scheduler state over the new one)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path: no such checkpoint: {Path(path).resolve()}")
-    saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = checkpoint.get("hyper_parameters", {})
+    t_max = (cfg.model.get("scheduler") or {}).get("T_max")
+    for state in checkpoint.get("lr_schedulers", []):
+        if t_max is not None and "T_max" in state and state["T_max"] != t_max:
+            raise ValueError(f"ckpt_path={path}: its scheduler has T_max={state['T_max']} but this run asks for "
+                             f"{t_max}; resume with the original trainer.max_epochs, or fine-tune with "
+                             f"init_from={path} for a new schedule")
     old, new = saved.get("data_info", {}), module.data_info
     for key in ("num_train_samples", "fingerprint", "x_shape", "y_shape"):
         if key in old and old[key] != new.get(key):

@@ -112,7 +112,7 @@ def test_trainer_configs_compose(compose_train, trainer):
     expected = {"cpu": ("cpu", 1, None), "gpu": ("gpu", 1, None), "ddp": ("gpu", 4, "ddp"),
                 "ddp_sim": ("cpu", 2, "ddp"), "fsdp": ("gpu", 4, "fsdp")}[trainer]
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("strategy")) == expected
-    assert cfg.trainer.max_epochs == 20                               # the experiment's value survives
+    assert cfg.trainer.max_epochs == 40                               # the experiment's value survives
     check_targets(cfg)
 
 

@@ -43,7 +43,8 @@ class ConditionalModule(L.LightningModule):
 
     def init_weights_from(self, path: str, freeze: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
-        freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys."""
+        freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys.
+        Loads with weights_only=True and never instantiates anything named in the checkpoint."""
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         own = self.state_dict()
         keys = [k for k in own if "latents" not in k]
@@ -54,14 +55,19 @@ class ConditionalModule(L.LightningModule):
             raise ValueError(f"init_from={path} does not fit this model:\n  "
                              + "\n  ".join([f"{k}: missing in checkpoint" for k in missing[:20]] + wrong[:20]))
         self.load_state_dict({k: state[k] for k in keys}, strict=False)
-        frozen = [n for n, p in self.named_parameters() if any(n.startswith(f) for f in freeze)]
-        if freeze and not frozen:
-            raise ValueError(f"finetune.freeze={list(freeze)} matches no parameter (names look like "
+        self.freeze_prefixes(freeze)
+        return keys
+
+    def freeze_prefixes(self, prefixes: list[str] | tuple[str, ...]) -> list[str]:
+        """Stop training the parameters whose names start with any of the prefixes; returns their names."""
+        frozen = [n for n, _ in self.named_parameters() if any(n.startswith(p) for p in prefixes)]
+        if prefixes and not frozen:
+            raise ValueError(f"finetune.freeze={list(prefixes)} matches no parameter (names look like "
                              f"{next(iter(dict(self.named_parameters())))!r})")
         for name, param in self.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
-        return keys
+        return frozen
 
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:
@@ -108,7 +114,7 @@ class ConditionalModule(L.LightningModule):
         n = self.hparams.val_num_samples
         samples = self.sample(x, num_samples=n, seed=batch_idx)
         dist = self.distance(samples.flatten(0, 1), y.repeat_interleave(n, 0), x.repeat_interleave(n, 0)).view(len(x), n)
-        self.log("val/best_of_n_distance", dist.amin(1).mean(), prog_bar=True, batch_size=len(x))
-        self.log("val/diversity", pairwise_l1_diversity(samples).mean(), batch_size=len(x))
+        self.log("val/best_of_n_distance", dist.amin(1).mean(), prog_bar=True, batch_size=len(x), sync_dist=True)
+        self.log("val/diversity", pairwise_l1_diversity(samples).mean(), batch_size=len(x), sync_dist=True)
 
     test_step = validation_step
