@@ -65,14 +65,14 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except SIGTERMException as err:                          # checkpoint saved by PreemptionCheckpoint
             raise SystemExit(128 + signal.SIGTERM) from err
         if any(getattr(c, "preempted", False) for c in callbacks):
             raise SystemExit(128 + signal.SIGUSR1)               # stopped on request: not a finished run
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)  # full: resumable
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
             metrics = evaluate_module(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)
@@ -127,7 +127,7 @@ def load_for_inference(cfg: DictConfig):
 
 
 def load_module(path: Path) -> ConditionalModule:
-    """Pick the module class from the checkpoint's own keys, then Lightning's load_from_checkpoint (weights_only)."""
+    """Pick the module class from the name the checkpoint records (never a `_target_`), then load (weights_only)."""
     from cgml_lightning.modules import MODULES
 
     name = torch.load(path, map_location="cpu", weights_only=True).get("cgml_module")

@@ -38,6 +38,13 @@ class ConditionalModule(L.LightningModule):
             raise ValueError(f"model.distance_region must be auto, all or hole; got {distance_region!r}")
         self.masked = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool = True, **kwargs):
+        """Lightning's loader, safe by default: weights_only=True (our checkpoints hold plain containers only)."""
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cgml_module"] = self.module_name
 
