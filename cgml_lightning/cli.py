@@ -88,19 +88,13 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                 wandb.finish()
 
 
-def check_resume(path: str, module: ConditionalModule, cfg: DictConfig) -> None:
+def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = None) -> None:
     """Resuming continues the same run: refuse a checkpoint made on other data, with another latent table, or
     with another schedule length (Lightning would restore the old scheduler state over the new one)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path: no such checkpoint: {Path(path).resolve()}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = checkpoint.get("hyper_parameters", {})
-    t_max = (cfg.model.get("scheduler") or {}).get("T_max")
-    for state in checkpoint.get("lr_schedulers", []):
-        if t_max is not None and "T_max" in state and state["T_max"] != t_max:
-            raise ValueError(f"ckpt_path={path}: its scheduler has T_max={state['T_max']} but this run asks for "
-                             f"{t_max}; resume with the original trainer.max_epochs, or fine-tune with "
-                             f"init_from={path} for a new schedule")
     old, new = saved.get("data_info", {}), module.data_info
     for key in ("num_train_samples", "fingerprint", "x_shape", "y_shape"):
         if key in old and old[key] != new.get(key):
@@ -109,6 +103,12 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig) -> None:
     if saved.get("latent_dim", module.latent_dim) != module.latent_dim:
         raise ValueError(f"ckpt_path={path}: latent_dim {saved.get('latent_dim')} in the checkpoint vs "
                          f"{module.latent_dim} now")
+    t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
+    for state in checkpoint.get("lr_schedulers", []):
+        if t_max is not None and "T_max" in state and state["T_max"] != t_max:
+            raise ValueError(f"ckpt_path={path}: its scheduler has T_max={state['T_max']} but this run asks for "
+                             f"{t_max}; resume with the original trainer.max_epochs, or fine-tune with "
+                             f"init_from={path} for a new schedule")
 
 
 def load_for_inference(cfg: DictConfig):

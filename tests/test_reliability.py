@@ -349,7 +349,7 @@ def preempt(workdir: Path, run_dir: Path, signum: int) -> tuple[subprocess.Popen
     ckpts = run_dir / "checkpoints"
     with open(log, "w") as out:
         proc = subprocess.Popen([*script_command("cgml-train"), *TOY, "trainer.max_epochs=100000",
-                                 "callbacks.model_checkpoint.save_last=false", f"hydra.run.dir={run_dir}"],
+                                 "model.scheduler=null", "callbacks.model_checkpoint.save_last=false", f"hydra.run.dir={run_dir}"],
                                 cwd=workdir, env=cli_env(workdir), stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 180
@@ -376,7 +376,8 @@ def resume_after_preemption(workdir: Path, run_dir: Path, output: str, name: str
     assert state["global_step"] > 0 and state["optimizer_states"]
     epochs = state["epoch"] + 2
     resumed = run_dir.parent / f"{run_dir.name}_resumed"
-    run_cli("cgml-train", *TOY, f"ckpt_path={last}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={resumed}",
+    run_cli("cgml-train", *TOY, "model.scheduler=null", f"ckpt_path={last}", f"trainer.max_epochs={epochs}",
+            f"hydra.run.dir={resumed}",
             cwd=workdir)
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["epochs"] == epochs

@@ -160,7 +160,7 @@ class CGMLModule(ConditionalModule):
 
     # ---- inference ----------------------------------------------------------------------------------------
     def _sample(self, x: Tensor, num_samples: int, steps: int | None, guide, generator, chunk_size: int = 8192,
-                guide_steps: int = 20, guide_lr: float = 0.2) -> Tensor:
+                guide_steps: int = 20, guide_lr: float = 0.2, guide_settle_steps: int | None = None) -> Tensor:
         steps = self.hparams.inference_steps if steps is None else steps
         b, n = len(x), num_samples
         feats = self.generator.encode(x)                                                # once per input
@@ -170,8 +170,9 @@ class CGMLModule(ConditionalModule):
         z = self.walk(z, hbar, rows, steps, chunk_size)
         if guide is not None:
             # steer toward the constraint, then let Z pull the latents back onto a learned mode
+            settle = steps if guide_settle_steps is None else guide_settle_steps
             z = self.walk(self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr),
-                          hbar, rows, steps, chunk_size)
+                          hbar, rows, settle, chunk_size)
         out = [self.generator.decode(repeat_feats(feats, rows[c]), z[c])
                for c in torch.arange(b * n, device=x.device).split(chunk_size)]       # bounded memory for large N
         return torch.cat(out).view(b, n, *self.y_shape)
