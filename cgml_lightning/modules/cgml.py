@@ -1,6 +1,7 @@
 """CGMLModule: orchestrates the z-phase, Z-phase, table write-back and w-phase of cGML (DESIGN.md section 1)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -99,7 +100,7 @@ class CGMLModule(ConditionalModule):
     @torch.no_grad()
     def write_latents(self, index: Tensor, z: Tensor) -> None:
         """Store the converged z; gathered from every rank so all ranks hold the same table."""
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             index, z = self.all_gather(index).flatten(0, 1), self.all_gather(z).flatten(0, 1)
         self.latents[index] = z.to(self.latents.dtype)
 
@@ -138,8 +139,6 @@ class CGMLModule(ConditionalModule):
         self.nonfinite_streak += 1
         self.log("train/skipped_nonfinite", float(self.nonfinite_streak), batch_size=1)
         if self.nonfinite_streak >= self.hparams.max_nonfinite_batches:
-            from pathlib import Path
-
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite_stop.ckpt"
             self.trainer.save_checkpoint(path)
             raise FloatingPointError(
