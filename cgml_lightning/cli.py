@@ -72,7 +72,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
             raise SystemExit(128 + signal.SIGUSR1)               # stopped on request: not a finished run
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)  # full: resumable
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")          # full state: resumable
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
             metrics = evaluate_module(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)

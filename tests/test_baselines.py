@@ -12,7 +12,6 @@ import lightning as L
 import pytest
 import torch
 
-from cgml_lightning.data import DigitsDataModule, ToyDataModule
 from cgml_lightning.metrics import pairwise_l1_diversity
 from cgml_lightning.modules import MODULES, CGANModule, CVAEModule, FlowModule
 
@@ -33,20 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy_dm():
-    dm = ToyDataModule(num_samples=256, batch_size=64, eval_batch_size=64)
-    dm.setup()
-    return dm
-
-
-@pytest.fixture(scope="module")
-def digits_dm():
-    dm = DigitsDataModule(max_train_samples=64, batch_size=32, eval_batch_size=32)
-    dm.setup()
-    return dm
 
 
 def make(name: str, net: str, toy_dm, digits_dm, **kwargs):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -211,18 +209,7 @@ def test_run_train_refuses_a_bad_target_before_anything_runs(compose_train, tmp_
 
 
 # ---- console scripts as subprocesses -------------------------------------------------------------------------
-SCRIPTS = {"cgml-train": "train", "cgml-eval": "evaluate", "cgml-sample": "sample"}
-
-
-def script_command(name: str) -> list[str]:
-    """The console script next to this interpreter (the venv's), else on PATH, else its entry point via -c."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which(name)
-    if found:
-        return [found]
-    return [sys.executable, "-c", f"from cgml_lightning.cli import {SCRIPTS[name]}; {SCRIPTS[name]}()"]
+from helpers import script_command  # noqa: E402
 
 
 def run_cli(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

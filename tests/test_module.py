@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cgml_lightning import CGMLModule, RegressorModule
-from cgml_lightning.data import DigitsDataModule, ToyDataModule
 from cgml_lightning.metrics import pairwise_l1_diversity
 
 MLP_NET = {"name": "mlp", "width": 32, "depth": 2}
@@ -18,20 +17,6 @@ def tiny_trainer(max_epochs: int = 2, **kwargs) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                      num_sanity_val_steps=0, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def toy_dm():
-    dm = ToyDataModule(num_samples=256, batch_size=64, eval_batch_size=64)
-    dm.setup()
-    return dm
-
-
-@pytest.fixture(scope="module")
-def digits_dm():
-    dm = DigitsDataModule(max_train_samples=64, batch_size=32, eval_batch_size=32)
-    dm.setup()
-    return dm
 
 
 def make_module(case: str, toy_dm, digits_dm, **kwargs) -> tuple[CGMLModule, dict]:

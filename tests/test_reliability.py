@@ -11,10 +11,8 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,18 +36,7 @@ ATOL = 1e-5
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-SCRIPTS = {"cgml-train": "train", "cgml-eval": "evaluate", "cgml-sample": "sample"}
-
-
-def script_command(name: str) -> list[str]:
-    """The console script next to this interpreter (the venv's), else on PATH, else its entry point via -c."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which(name)
-    if found:
-        return [found]
-    return [sys.executable, "-c", f"from cgml_lightning.cli import {SCRIPTS[name]}; {SCRIPTS[name]}()"]
+from helpers import script_command  # noqa: E402
 
 
 def cli_env(cwd: Path) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cgml_lightning.algorithm import project
 from cgml_lightning.modules.base import ConditionalModule
