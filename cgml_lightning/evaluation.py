@@ -5,12 +5,18 @@ import math
 
 import torch
 
-from cgml_lightning.metrics import image_metrics, mode_metrics, vector_metrics
+from cgml_lightning.classifier import EvalNets
+from cgml_lightning.metrics import fid_metric, image_metrics, mode_metrics, vector_metrics
 
 
 @torch.no_grad()
-def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, seed: int = 0) -> dict[str, float]:
-    """Images: best-of-N / mean PSNR, best-of-N SSIM, diversity (+ on the hole for completion).
+def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, seed: int = 0,
+             nets: EvalNets | None = None) -> dict[str, float | str | None]:
+    """Images: best-of-N / mean PSNR, best-of-N SSIM, diversity (+ on the hole for completion), and `fid` (None
+    without a feature net in `nets`). With the dataset classifier in `nets` and labelled data, also
+    sample_class_acc: the share of samples the classifier puts in their input's true class (a completed shirt
+    stays a shirt), and classifier_test_acc, its accuracy on the real test images (the ceiling).
+    FID compares the num_inputs real test images with their num_inputs x N samples.
     Vector data with known modes (the toy): mode_near_fraction, mode_coverage on a grid of num_inputs x N samples.
     Other vector data: best-of-N and mean L2 error, diversity."""
     datamodule.setup("test")
@@ -19,22 +25,42 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         x = datamodule.grid(num_inputs)
         samples = module.sample(x, num_samples, generator=generator).cpu()
         return {**mode_metrics(samples, datamodule.modes(x)), "num_inputs": len(x), "num_samples": num_samples}
+    image = datamodule.kind == "image"
+    nets = nets or EvalNets()
+    fid = fid_metric(nets.fid_features).to(module.device) if image and nets.fid_features is not None else None
+    classifier = nets.classifier.to(module.device) if image and nets.classifier is not None else None
     totals: dict[str, float] = {}
-    seen = 0
+    seen = correct = 0
+    labelled = False
     for batch in datamodule.test_dataloader():
         x, y = batch["x"][: num_inputs - seen], batch["y"][: num_inputs - seen]
-        samples = module.sample(x, num_samples, generator=generator).cpu()
-        if datamodule.kind == "image":
-            per_input = image_metrics(samples, y, hole=module.hole(x))
-        else:
-            per_input = vector_metrics(samples, y)
+        samples = module.sample(x, num_samples, generator=generator)                  # [B, N, ...] on the device
+        flat = samples.flatten(0, 1)
+        if fid is not None:
+            fid.update(y.to(flat.device), real=True)
+            fid.update(flat, real=False)
+        labelled = "label" in batch
+        if classifier is not None and labelled:
+            truth = batch["label"][: len(x)].to(flat.device).repeat_interleave(num_samples)
+            correct += (classifier.predict(flat) == truth).sum().item()
+        samples = samples.cpu()
+        per_input = image_metrics(samples, y, hole=module.hole(x)) if image else vector_metrics(samples, y)
         for key, value in per_input.items():
             totals[key] = totals.get(key, 0.0) + value.sum().item()
         seen += len(x)
         if seen >= num_inputs:
             break
-    metrics = {key: value / seen for key, value in totals.items()}
+    metrics: dict[str, float | str | None] = {key: value / seen for key, value in totals.items()}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite metrics {bad}: the model produced NaN/Inf samples")
+    if image:
+        if fid is not None and seen < 2:
+            raise ValueError(f"FID needs at least 2 test inputs; got num_inputs={num_inputs} ({seen} evaluated)")
+        metrics["fid"] = fid.compute().item() if fid is not None else None
+        if fid is not None:
+            metrics["fid_feature_net"] = nets.fid_name
+        if classifier is not None and labelled:
+            metrics["sample_class_acc"] = correct / (seen * num_samples)
+            metrics["classifier_test_acc"] = nets.classifier_test_acc
     return {**metrics, "num_inputs": seen, "num_samples": num_samples}

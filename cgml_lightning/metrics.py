@@ -1,12 +1,13 @@
 """Evaluation metrics on samples [B, N, ...] against targets [B, ...] (DESIGN.md section 4).
 
-PSNR and SSIM come from torchmetrics; diversity and the mode metrics are a few lines of torch.
+PSNR, SSIM and FID come from torchmetrics; diversity and the mode metrics are a few lines of torch.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 def pairwise_l1_diversity(samples: Tensor) -> Tensor:
@@ -83,3 +84,13 @@ def vector_metrics(samples: Tensor, target: Tensor) -> dict[str, Tensor]:
     """Per-input metrics [B] for vector data without known modes: best-of-N and mean L2 error, diversity."""
     err = (samples - target[:, None]).flatten(2).norm(dim=-1)                 # [B, N]
     return {"l2_best_of_n": err.amin(1), "l2_mean": err.mean(1), "diversity": pairwise_l1_diversity(samples)}
+
+
+def fid_metric(features: nn.Module) -> FrechetInceptionDistance:
+    """torchmetrics' FID over a pluggable feature net: `features(images) -> [B, F]` gets the images as they are
+    (the net does its own preprocessing) and states its width as `features.num_features`.
+    Feed it with .update(images, real=True|False), read it with .compute()."""
+    if not isinstance(getattr(features, "num_features", None), int):
+        raise ValueError(f"fid_metric: {type(features).__name__} must state its feature width as an int "
+                         "attribute num_features")
+    return FrechetInceptionDistance(feature=features, reset_real_features=True)

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from cgml_lightning.data import ToyDataModule
-from cgml_lightning.metrics import (image_metrics, mode_metrics, mode_tolerance, pairwise_l1_diversity, psnr, ssim,
-                                    vector_metrics)
+from cgml_lightning.classifier import (InceptionFeatures, build_eval_nets, has_labels, inception_weights,
+                                       load_or_train_classifier, train_classifier)
+from cgml_lightning.data import DigitsDataModule, ToyDataModule
+from cgml_lightning.evaluation import evaluate
+from cgml_lightning.metrics import (fid_metric, image_metrics, mode_metrics, mode_tolerance, pairwise_l1_diversity,
+                                    psnr, ssim, vector_metrics)
+from cgml_lightning.modules import MODULES
+from cgml_lightning.probe import encoder_features, linear_probe, linear_probe_accuracy
 
 
 # ---- diversity -----------------------------------------------------------------------------------------------
@@ -147,3 +153,219 @@ def test_vector_metrics_hand_computed():
     torch.testing.assert_close(out["l2_best_of_n"], torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(out["l2_mean"], torch.tensor([3.0, 1.0]))
     torch.testing.assert_close(out["diversity"], torch.tensor([3.0, 1.0]))   # mean |3-0|,|4-1| = 3; |0|,|2| -> 1
+
+
+# ---- FID (torchmetrics, pluggable feature net) ------------------------------------------------------------------
+class FlatFeatures(torch.nn.Module):
+    """The pixels themselves as features: FID then has a closed form on the tensors we feed it."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, imgs):
+        return imgs.flatten(1).double()
+
+
+def fid_of(real, fake) -> float:
+    metric = fid_metric(FlatFeatures(real[0].numel()))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return metric.compute().item()
+
+
+def test_fid_identical_sets_is_zero_and_mean_shift_is_its_squared_norm():
+    torch.manual_seed(0)
+    real = torch.randn(300, 1, 2, 2)
+    assert fid_of(real, real) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.tensor([0.5, -1.0, 2.0, 0.0]).view(1, 1, 2, 2)       # same covariance: FID = ||shift||^2 = 5.25
+    assert fid_of(real, real + shift) == pytest.approx(5.25, abs=1e-6)
+
+
+def test_fid_one_dimensional_gaussians_by_hand():
+    # 1-d: FID = (mu1 - mu2)^2 + (sigma1 - sigma2)^2 with the sample means and unbiased standard deviations
+    torch.manual_seed(1)
+    real, fake = torch.randn(500, 1, 1, 1), 3.0 + 2.0 * torch.randn(400, 1, 1, 1)
+    r, f = real.flatten().double(), fake.flatten().double()
+    expected = (r.mean() - f.mean()) ** 2 + (r.std() - f.std()) ** 2
+    assert fid_of(real, fake) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_fid_matches_the_frechet_formula():
+    from scipy.linalg import sqrtm
+
+    torch.manual_seed(2)
+    real = torch.randn(400, 1, 1, 3) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.7]])
+    fake = 0.3 + 1.5 * torch.randn(350, 1, 1, 3)
+    a, b = real.flatten(1).double().numpy(), fake.flatten(1).double().numpy()
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * sqrtm(ca @ cb).real)
+    assert fid_of(real, fake) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fid_metric_needs_the_feature_width():
+    with pytest.raises(ValueError, match="num_features"):
+        fid_metric(torch.nn.Flatten())
+
+
+def test_inception_features_get_uint8_rgb():
+    seen = {}
+
+    def fake_inception(x):
+        seen["x"] = x
+        return torch.zeros(len(x), 2048)
+
+    net = InceptionFeatures(net=fake_inception)
+    grey = torch.tensor([0.0, 0.5, 1.0, 1.2]).view(1, 1, 2, 2)
+    assert net(grey).shape == (1, 2048)
+    assert seen["x"].dtype == torch.uint8 and seen["x"].shape == (1, 3, 2, 2)
+    assert seen["x"][0, :, 0, 1].tolist() == [128, 128, 128] and seen["x"].max() == 255   # 0.5 -> 128, clamped
+    with pytest.raises(ValueError, match=r"\[B, 1\|3, H, W\]; got \(1, 2, 2, 2\)"):
+        net(torch.rand(1, 2, 2, 2))
+
+
+def test_no_local_inception_means_classifier_or_a_clear_error(tmp_path, monkeypatch, digits_full, classifier_cache):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))          # an empty torch.hub cache
+    assert inception_weights() is None
+    with pytest.raises((ModuleNotFoundError, FileNotFoundError), match="feature_net.inception_weights_path"):
+        inception_weights(tmp_path / "missing.pth")                    # no torch-fidelity, or no such file
+    with pytest.raises(FileNotFoundError, match="no usable local Inception weights"):
+        build_eval_nets(digits_full, fid="inception", cache_dir=classifier_cache, classifier=FAST_CLASSIFIER)
+    with pytest.raises(ValueError, match="feature_net.fid must be"):
+        build_eval_nets(digits_full, fid="incepton")
+
+
+# ---- class labels, the dataset classifier, sample class accuracy ------------------------------------------------
+FAST_CLASSIFIER = {"steps": 150, "width": 8, "feature_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def digits_full():
+    dm = DigitsDataModule(batch_size=64, eval_batch_size=64)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifiers")
+
+
+@pytest.fixture(scope="module")
+def eval_nets(digits_full, classifier_cache):
+    return build_eval_nets(digits_full, fid="auto", cache_dir=classifier_cache, classifier=FAST_CLASSIFIER)
+
+
+def test_batches_carry_labels_without_changing_the_contract():
+    from sklearn.datasets import load_digits
+
+    dm = DigitsDataModule(max_train_samples=40, batch_size=16)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    assert {"x", "y", "index"} <= set(batch) and batch["label"].dtype == torch.int64
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().flatten(1) / 16.0
+    for i in range(5):                                            # each label is the class of its own image
+        row = (images - batch["y"][i].flatten()).abs().sum(1).argmin()
+        assert digits.target[row] == batch["label"][i]
+    assert len(dm.labels["train"]) == len(dm.splits["train"]) == 40
+    toy = ToyDataModule(num_samples=32)
+    toy.setup()
+    assert "label" not in next(iter(toy.train_dataloader())) and not has_labels(toy)
+
+
+def test_classifier_is_trained_once_cached_and_accurate(digits_full, classifier_cache, eval_nets, monkeypatch):
+    files = list(classifier_cache.glob("classifier-*.pt"))
+    assert len(files) == 1
+    y, labels = digits_full.splits["test"].y, digits_full.splits["test"].label
+    acc = (eval_nets.classifier.predict(y) == labels).float().mean().item()
+    assert eval_nets.classifier_test_acc == pytest.approx(acc) and acc > 0.8
+    assert eval_nets.fid_name == eval_nets.classifier_name and "cnn-classifier" in eval_nets.fid_name
+    assert "accuracy on the real test images" in eval_nets.describe()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached classifier should have been loaded")
+
+    monkeypatch.setattr("cgml_lightning.classifier.train_classifier", no_training)
+    again, info = load_or_train_classifier(digits_full, classifier_cache, **FAST_CLASSIFIER)
+    assert info["path"] == str(files[0]) and info["test_acc"] == pytest.approx(acc)
+    assert torch.equal(again.predict(y), eval_nets.classifier.predict(y))
+
+
+def test_classifier_training_is_deterministic(digits_full):
+    y, labels = digits_full.splits["train"].y[:256], digits_full.splits["train"].label[:256]
+    a = train_classifier(y, labels, 10, width=4, feature_dim=8, steps=5, seed=3)
+    b = train_classifier(y, labels, 10, width=4, feature_dim=8, steps=5, seed=3)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_classifier_settings_are_checked(digits_full, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown keys \['depth'\]"):
+        load_or_train_classifier(digits_full, tmp_path, depth=3)
+
+
+class LookupModule:
+    """Samples every input's true completion (found by its visible pixels) dimmed by 2% (an exact match would give an
+    infinite PSNR), or a blank image: known answers."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, datamodule, blank: bool = False):
+        self.test, self.blank = datamodule.splits["test"], blank
+
+    def hole(self, x):
+        return x[:, -1:]
+
+    def sample(self, x, num_samples, generator=None):
+        rows = torch.cdist(x.flatten(1), self.test.x.flatten(1)).argmin(1)
+        y = torch.zeros_like(self.test.y[rows]) if self.blank else 0.98 * self.test.y[rows]
+        return y[:, None].expand(-1, num_samples, *y.shape[1:])
+
+
+def test_evaluate_reports_fid_and_sample_class_accuracy(digits_full, eval_nets):
+    n = 60
+    labels, y = digits_full.splits["test"].label[:n], digits_full.splits["test"].y[:n]
+    truth = evaluate(LookupModule(digits_full), digits_full, num_samples=3, num_inputs=n, nets=eval_nets)
+    blank = evaluate(LookupModule(digits_full, blank=True), digits_full, num_samples=3, num_inputs=n, nets=eval_nets)
+    expected = (eval_nets.classifier.predict(0.98 * y) == labels).float().mean().item()
+    assert truth["sample_class_acc"] == pytest.approx(expected) and expected > 0.7
+    blank_class = eval_nets.classifier.predict(torch.zeros(1, 1, 8, 8))
+    assert blank["sample_class_acc"] == pytest.approx((labels == blank_class).float().mean().item())
+    assert truth["classifier_test_acc"] == eval_nets.classifier_test_acc
+    assert truth["fid_feature_net"] == eval_nets.fid_name
+    assert 0 <= truth["fid"] < 0.1 * blank["fid"]                   # the (dimmed) truth repeated 3 times vs all-blank
+    plain = evaluate(LookupModule(digits_full), digits_full, num_samples=3, num_inputs=n)
+    assert plain["fid"] is None and "sample_class_acc" not in plain
+    assert plain["psnr_best_of_n"] == truth["psnr_best_of_n"]
+
+
+# ---- linear probe ---------------------------------------------------------------------------------------------
+def test_linear_probe_separable_and_random_features():
+    torch.manual_seed(0)
+    labels = torch.arange(400) % 4
+    centres = 6.0 * torch.eye(4, 16)
+    feats = centres[labels] + torch.randn(400, 16)
+    assert linear_probe_accuracy(feats[:300], labels[:300], feats[300:], labels[300:]) == 1.0
+    noise = torch.randn(400, 16)
+    assert linear_probe_accuracy(noise[:300], labels[:300], noise[300:], labels[300:]) < 0.5
+    with pytest.raises(ValueError, match="need 2"):
+        linear_probe_accuracy(feats[:10], torch.zeros(10, dtype=torch.long), feats[10:20], labels[10:20])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_exposes_encoder_features(name, digits_dm):
+    module = MODULES[name](data_info=digits_dm.info(), net={"name": "unet", "width": 8, "depth": 1}, latent_dim=4)
+    x = digits_dm.splits["test"].x[:5]
+    feats = encoder_features(module, x)
+    assert feats.shape == (5, module.generator.feature_dim)
+    acc = linear_probe(module, digits_dm, num_train=64, num_test=32)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_linear_probe_needs_labels(toy_dm):
+    from cgml_lightning.modules import RegressorModule
+
+    module = RegressorModule(data_info=toy_dm.info(), net={"name": "mlp", "width": 8, "depth": 1})
+    with pytest.raises(ValueError, match="ToyDataModule has no class labels"):
+        linear_probe(module, toy_dm, num_train=10, num_test=10)

@@ -11,16 +11,22 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 class IndexedDataset(Dataset):
-    """Pairs (x[i], y[i]) with their row number, which addresses the per-sample latent table."""
+    """Pairs (x[i], y[i]) with their row number, which addresses the per-sample latent table. With class labels
+    (LongTensor[N]) each item also carries "label" (for the evaluation's classifier and the linear probe)."""
 
-    def __init__(self, x: Tensor, y: Tensor):
-        self.x, self.y = x, y
+    def __init__(self, x: Tensor, y: Tensor, label: Tensor | None = None):
+        if label is not None and len(label) != len(x):
+            raise ValueError(f"IndexedDataset: {len(label)} labels for {len(x)} samples")
+        self.x, self.y, self.label = x, y, label
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"x": self.x[i], "y": self.y[i], "index": i}
+        item = {"x": self.x[i], "y": self.y[i], "index": i}
+        if self.label is not None:
+            item["label"] = self.label[i]
+        return item
 
 
 class EpochRandomSampler(RandomSampler):
@@ -45,7 +51,9 @@ def fingerprint(*tensors: Tensor) -> str:
 
 
 class ArrayDataModule(L.LightningDataModule):
-    """Subclasses implement `load_arrays() -> (x, y)`; this class splits, validates and serves them.
+    """Subclasses implement `load_arrays() -> (x, y)` (and optionally `load_labels()`); this class splits, validates
+    and serves them. Class labels, where the data has them, stay in `self.labels[split]` and ride in the batches as
+    the optional key "label" (the contract {"x", "y", "index"} is unchanged).
 
     kind: "vector" or "image" (images are [C, H, W] in [0, 1]); it picks nets and metrics downstream.
     """
@@ -60,9 +68,14 @@ class ArrayDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.num_workers, self.max_train_samples = num_workers, max_train_samples
         self.splits: dict[str, IndexedDataset] | None = None
+        self.labels: dict[str, Tensor] = {}
 
     def load_arrays(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def load_labels(self) -> Tensor | None:
+        """Override to give every sample of load_arrays() its class (LongTensor[N], same order); None: no labels."""
+        return None
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Override when the data comes with its own train/test split."""
@@ -71,6 +84,11 @@ class ArrayDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         n_val, n_test = int(round(n * self.val_fraction)), int(round(n * self.test_fraction))
         parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        labels = self.load_labels()
+        if labels is not None:
+            if len(labels) != n:
+                raise ValueError(f"{type(self).__name__}.load_labels gave {len(labels)} labels for {n} samples")
+            self.labels = {k: labels[idx] for k, idx in parts.items()}
         return {k: (x[idx], y[idx]) for k, idx in parts.items()}
 
     def setup(self, stage: str | None = None) -> None:
@@ -80,9 +98,11 @@ class ArrayDataModule(L.LightningDataModule):
         x, y = splits["train"]
         if self.max_train_samples is not None:
             splits["train"] = (x[: self.max_train_samples], y[: self.max_train_samples])
+            if "train" in self.labels:
+                self.labels["train"] = self.labels["train"][: self.max_train_samples]
         if len(splits["train"][0]) == 0:
             raise ValueError(f"{type(self).__name__}: the training split is empty")
-        self.splits = {k: IndexedDataset(x.float(), y.float()) for k, (x, y) in splits.items()}
+        self.splits = {k: IndexedDataset(x.float(), y.float(), self.labels.get(k)) for k, (x, y) in splits.items()}
 
     def info(self) -> dict[str, Any]:
         """What a module needs to build its nets and latent table: plain containers only."""

@@ -21,3 +21,8 @@ class DigitsDataModule(ArrayDataModule):
 
         y = torch.from_numpy(load_digits().images).float()[:, None] / 16.0       # [1797, 1, 8, 8] in [0, 1]
         return apply_mask(y, half_mask(y.shape, self.mask_side)), y              # x: [1797, 2, 8, 8]
+
+    def load_labels(self) -> Tensor:
+        from sklearn.datasets import load_digits
+
+        return torch.from_numpy(load_digits().target).long()                     # [1797], digits 0-9

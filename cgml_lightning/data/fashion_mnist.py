@@ -2,7 +2,8 @@
 
 Looks in data_dir, data_dir/FashionMNIST/raw (torchvision's layout) and Debian's /usr/share/datasets/fashion-mnist
 (`apt-get install dataset-fashion-mnist`); `download=true` fetches the four files into data_dir.
-Official train/test split; val is carved from train with split_seed. Labels stay in `self.labels[split]`.
+Official train/test split; val is carved from train with split_seed. Labels stay in `self.labels[split]` and
+ride in the batches as "label".
 """
 from __future__ import annotations
 
@@ -122,7 +123,6 @@ class FashionMNISTDataModule(ArrayDataModule):
         super().__init__(**kwargs)
         self.data_dir, self.download = data_dir, download
         self.mask_channel = self.degradation.mask_channel
-        self.labels: dict[str, Tensor] = {}
 
     def prepare_data(self) -> None:
         if self.download and find_files(self.data_dir) is None:
@@ -152,7 +152,3 @@ class FashionMNISTDataModule(ArrayDataModule):
         val, train = order[:n_val], order[n_val:].sort().values
         self.labels = {"train": c_train[train], "val": c_train[val], "test": c_test}
         return {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]), "test": (x_test, y_test)}
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        self.labels["train"] = self.labels["train"][: len(self.splits["train"])]   # after max_train_samples
