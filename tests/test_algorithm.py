@@ -203,13 +203,13 @@ def test_select_starts_picks_argmin_candidate_per_input():
     target = A.sphere_sample(b, dim=d, generator=torch.Generator().manual_seed(1))
     calls = []
 
-    def loss_fn(z):                                              # z: [M*B, d], row m*B + b -> input b
+    def loss_fn(z):                                              # z: [B, d], one candidate per input
         calls.append(z.shape)
-        return (z - target.repeat(m, 1)).norm(dim=1)
+        return (z - target).norm(dim=1)
 
     chosen = A.select_starts(loss_fn, candidates)
     assert chosen.shape == (b, d)
-    assert calls == [torch.Size([m * b, d])]                     # one batched pass
+    assert calls == [torch.Size([b, d])] * m                     # one pass of B rows per candidate
     expected_idx = (candidates - target[None]).norm(dim=-1).argmin(dim=0)
     torch.testing.assert_close(chosen, candidates[expected_idx, torch.arange(b)])
     # and it is really the best: no candidate of any input is closer
@@ -223,7 +223,7 @@ def test_select_starts_planted_winner():
     candidates[:, 0] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     candidates[:, 1] = torch.tensor([[0.0, -1.0], [1.0, 0.0], [0.0, 1.0]])
     target = torch.tensor([[-0.9, 0.1], [0.1, 0.9]])             # wants candidate 2 for input 0 and 2 for input 1
-    chosen = A.select_starts(lambda z: (z - target.repeat(m, 1)).abs().sum(1), candidates)
+    chosen = A.select_starts(lambda z: (z - target).abs().sum(1), candidates)
     torch.testing.assert_close(chosen, torch.tensor([[-1.0, 0.0], [0.0, 1.0]]))
 
 

@@ -1,6 +1,9 @@
 """What every conditional module shares: data description, generator, optimizers, sampling API, validation."""
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -13,6 +16,20 @@ from cgml_lightning.metrics import pairwise_l1_diversity
 from cgml_lightning.nets import build_generator
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn), or fn itself with a warning where this platform cannot compile (the model still trains)."""
+    from torch._dynamo import is_dynamo_supported
+
+    if not is_dynamo_supported():
+        reason = "torch.compile is not supported on this Python/platform"
+    elif not torch.cuda.is_available() and not shutil.which(os.environ.get("CXX", "g++")):
+        reason = "TorchInductor needs a C++ compiler on CPU (none found; set CXX)"
+    else:
+        return torch.compile(fn)
+    warnings.warn(f"model.compile=true ignored: {reason}", stacklevel=2)
+    return fn
 
 
 class ConditionalModule(L.LightningModule):
@@ -28,12 +45,17 @@ class ConditionalModule(L.LightningModule):
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 0, distance: str = "l1",
                  distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
-                 val_num_samples: int = 4):
+                 val_num_samples: int = 4, compile: bool = False, channels_last: bool = False):
         super().__init__()
         self.data_info = dict(data_info)
         self.x_shape, self.y_shape = tuple(data_info["x_shape"]), tuple(data_info["y_shape"])
         self.latent_dim = latent_dim
         self.generator = build_generator(net, self.x_shape, self.y_shape, latent_dim)
+        if channels_last:            # channels-last weights make every conv's output channels-last, inputs included
+            self.generator.to(memory_format=torch.channels_last)
+        if compile:                   # encode/decode, not forward: those are what training and sampling call
+            self.generator.encode = compiled(self.generator.encode)
+            self.generator.decode = compiled(self.generator.decode)
         if distance_region not in ("auto", "all", "hole"):
             raise ValueError(f"model.distance_region must be auto, all or hole; got {distance_region!r}")
         self.masked = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")

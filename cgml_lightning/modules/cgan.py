@@ -42,8 +42,10 @@ class CGANModule(ConditionalModule):
                  discriminator: dict[str, Any] | None = None, z_encoder: dict[str, Any] | None = None,
                  distance: str = "l1", distance_region: str = "auto",
                  optimizer: dict | None = None, discriminator_optimizer: dict | None = None,
-                 scheduler: dict | None = None, clip_grad_norm: float | None = None, val_num_samples: int = 4):
-        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
+                 scheduler: dict | None = None, clip_grad_norm: float | None = None, val_num_samples: int = 4,
+                 compile: bool = False, channels_last: bool = False):
+        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
+                         compile=compile, channels_last=channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False                     # D and G(+E_z) step in turn
         if latent_dim < 1:

@@ -26,8 +26,10 @@ class CGMLModule(ConditionalModule):
                  dynamics_target: str = "final", distance: str = "l1", distance_region: str = "auto",
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
-                 clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4):
-        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
+                 clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4,
+                 compile: bool = False, channels_last: bool = False):
+        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
+                         compile=compile, channels_last=channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
         self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
@@ -61,10 +63,7 @@ class CGMLModule(ConditionalModule):
         if hp.start_candidates <= 0:
             return warm
         candidates = torch.cat([warm[None], sphere(hp.start_candidates, b)])            # [M+1, B, d]
-        m = len(candidates)
-        rows = torch.arange(b, device=y.device).repeat(m)                              # row m*B + b -> input b
-        loss_fn = self.loss_fn(repeat_feats(feats, rows), y[rows], x[rows])
-        return A.select_starts(loss_fn, candidates)
+        return A.select_starts(self.loss_fn(feats, y, x), candidates)
 
     def loss_fn(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
         return lambda z: self.distance(self.generator.decode(feats, z), y, x)
@@ -166,12 +165,11 @@ class CGMLModule(ConditionalModule):
         hbar = self.generator.summarize(feats)
         z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)      # row b*N + i -> input b
         rows = torch.arange(b, device=x.device).repeat_interleave(n)
-        z = self.walk(z, hbar, rows, steps, chunk_size)
         if guide is not None:
-            # steer toward the constraint, then let Z pull the latents back onto a learned mode
-            settle = steps if guide_settle_steps is None else guide_settle_steps
-            z = self.walk(self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr),
-                          hbar, rows, settle, chunk_size)
+            # steer the starting points toward the constraint through G, then let Z carry them onto a learned mode
+            z = self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr)
+            steps = steps if guide_settle_steps is None else guide_settle_steps
+        z = self.walk(z, hbar, rows, steps, chunk_size)
         out = [self.generator.decode(repeat_feats(feats, rows[c]), z[c])
                for c in torch.arange(b * n, device=x.device).split(chunk_size)]       # bounded memory for large N
         return torch.cat(out).view(b, n, *self.y_shape)
@@ -188,7 +186,12 @@ class CGMLModule(ConditionalModule):
 
     def guided_latents(self, feats, z, rows, guide, bn, steps: int, lr: float) -> Tensor:
         """Steer z by normalized gradient steps (length lr, decaying) on a differentiable penalty
-        guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter."""
+        guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter.
+
+        _sample guides the fresh sphere points, before any Z-step, then walks them with Z (guide_settle_steps,
+        default the inference steps). Guiding after the Z-steps instead starts every latent at a mode, where the
+        decoder is flat in z: on the toy (relu(-y[0]) guide) only 0.85 of the samples then reached y[0] > 0,
+        against 0.99 from the raw starts, with 0.96 within 10% of the + mode (= the unguided near-mode share)."""
         feats = repeat_feats(feats, rows)
         for t in range(steps):
             z = z.detach().requires_grad_(True)

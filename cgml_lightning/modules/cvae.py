@@ -38,8 +38,10 @@ class CVAEModule(ConditionalModule):
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 16, beta: float = 1.0,
                  kl_warmup_steps: int = 1000, free_bits: float = 0.0, posterior_net: dict[str, Any] | None = None,
                  distance: str = "l1", distance_region: str = "auto", optimizer: dict | None = None,
-                 scheduler: dict | None = None, val_num_samples: int = 4):
-        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
+                 scheduler: dict | None = None, val_num_samples: int = 4,
+                 compile: bool = False, channels_last: bool = False):
+        super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
+                         compile=compile, channels_last=channels_last)
         self.save_hyperparameters()
         if latent_dim < 1:
             raise ValueError(f"model.latent_dim must be >= 1 for the cVAE; got {latent_dim}")

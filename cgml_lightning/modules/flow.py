@@ -33,14 +33,16 @@ class FlowModule(ConditionalModule):
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], time_dim: int = 16, sample_steps: int = 20,
                  sampler: str = "euler", distance: str = "l2", distance_region: str = "auto",
                  optimizer: dict | None = None, scheduler: dict | None = None, val_num_samples: int = 4,
-                 latent_dim: int | None = None):
+                 latent_dim: int | None = None,
+                 compile: bool = False, channels_last: bool = False):
         """latent_dim is ignored (the flow's noise is shaped like y); it is accepted so experiment configs that set
         model.latent_dim for the latent-variable models compose with model=flow."""
         if time_dim < 2 or time_dim % 2:
             raise ValueError(f"model.time_dim must be even and >= 2; got {time_dim}")
         if sampler not in ("euler", "heun"):
             raise ValueError(f"model.sampler must be euler or heun; got {sampler!r}")
-        super().__init__(data_info, net, time_dim, distance, distance_region, optimizer, scheduler, val_num_samples)
+        super().__init__(data_info, net, time_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
+                         compile=compile, channels_last=channels_last)
         self.save_hyperparameters()
         # The base builds G(x, z); the velocity net needs G(concat(x, x_t), t), so replace it (the base has no hook).
         # Velocities are unbounded: no output sigmoid.

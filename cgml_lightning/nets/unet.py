@@ -1,4 +1,10 @@
-"""U-Net generator for images: the encoder keeps its skips, z enters at the bottleneck (and by FiLM per level)."""
+"""U-Net generator for images: the encoder keeps its skips, z enters at the bottleneck (and by FiLM per level).
+
+Each decoder level's first conv sees [upsampled h, skip]. Written as conv_h(h) + lateral(skip) (the same
+function: a conv of a concatenation is the sum of convs of its parts), the skip's half does not depend on z,
+so encode() computes it once per input and every z-step (and sample) reuses it: a z-step then costs only
+the z-dependent part of the decoder, forward and backward.
+"""
 from __future__ import annotations
 
 import torch
@@ -19,16 +25,21 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 def conv_block(c_in: int, c_out: int, norm: str, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), norm_layer(norm, c_out), nn.SiLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1), norm_layer(norm, c_out), nn.SiLU(),
-    )
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), *conv_tail(c_out, norm))
+
+
+def conv_tail(channels: int, norm: str, convs: int = 2) -> list[nn.Module]:
+    """What follows a block's first conv: norm, SiLU, then (convs - 1) times conv, norm, SiLU."""
+    layers = [norm_layer(norm, channels), nn.SiLU()]
+    for _ in range(convs - 1):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), norm_layer(norm, channels), nn.SiLU()]
+    return layers
 
 
 class UNetGenerator(nn.Module):
     def __init__(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], latent_dim: int,
                  width: int = 32, depth: int = 2, norm: str = "group", film: bool = True,
-                 spectral_norm: bool = False, out_activation: str = "sigmoid"):
+                 spectral_norm: bool = False, out_activation: str = "sigmoid", decoder_convs: int = 2):
         super().__init__()
         if len(x_shape) != 3 or len(y_shape) != 3:
             raise ValueError(f"the U-Net needs x and y as [C, H, W]; got x {tuple(x_shape)}, y {tuple(y_shape)}")
@@ -39,7 +50,13 @@ class UNetGenerator(nn.Module):
         self.feature_dim = channels[-1]
         self.stem = conv_block(x_shape[0], channels[0], norm)
         self.down = nn.ModuleList(conv_block(a, b, norm, stride=2) for a, b in zip(channels[:-1], channels[1:]))
-        self.up = nn.ModuleList(conv_block(b + a, a, norm) for a, b in zip(channels[:-1], channels[1:]))
+        # decoder level i: up_in(h from level i+1) + lateral(skip i), then the rest of the block
+        self.lateral = nn.ModuleList(nn.Conv2d(a, a, 3, padding=1) for a in channels[:-1])
+        self.up_in = nn.ModuleList(nn.Conv2d(b, a, 3, padding=1, bias=False)
+                                   for a, b in zip(channels[:-1], channels[1:]))
+        if decoder_convs not in (1, 2):
+            raise ValueError(f"net.decoder_convs must be 1 or 2; got {decoder_convs!r}")
+        self.up = nn.ModuleList(nn.Sequential(*conv_tail(a, norm, decoder_convs)) for a in channels[:-1])
         self.head = nn.Conv2d(channels[0], y_shape[0], 1)
         self.out_activation = {"sigmoid": torch.sigmoid, "none": nn.Identity()}[out_activation]
         if latent_dim > 0:
@@ -48,10 +65,11 @@ class UNetGenerator(nn.Module):
         init_weights(self, spectral_norm)
 
     def encode(self, x: Tensor) -> tuple[Tensor, ...]:
-        feats = [self.stem(x)]                                             # [B, c0, H, W]
+        """(lateral(skip_0), ..., lateral(skip_{depth-1}), bottleneck): all that decode needs of x."""
+        skips = [self.stem(x)]                                             # [B, c0, H, W]
         for block in self.down:
-            feats.append(block(feats[-1]))                                 # [B, c_i, H/2^i, W/2^i]
-        return tuple(feats)
+            skips.append(block(skips[-1]))                                 # [B, c_i, H/2^i, W/2^i]
+        return (*(lateral(s) for lateral, s in zip(self.lateral, skips)), skips[-1])
 
     def summarize(self, feats: tuple[Tensor, ...]) -> Tensor:
         return feats[-1].mean(dim=(2, 3))                                  # [B, c_depth]
@@ -61,9 +79,9 @@ class UNetGenerator(nn.Module):
         if self.latent_dim > 0:
             h = h + self.z_in(z)[:, :, None, None]
         for level in reversed(range(len(self.up))):
-            skip = feats[level]
-            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = self.up[level](torch.cat([h, skip], dim=1))                # [B, c_level, ...]
+            skip_term = feats[level]                                       # lateral(skip), [B, c_level, ...]
+            h = F.interpolate(h, size=skip_term.shape[-2:], mode="nearest")
+            h = self.up[level](self.up_in[level](h) + skip_term)           # [B, c_level, ...]
             if self.latent_dim > 0 and self.film is not None:
                 scale, shift = self.film[level](z)[:, :, None, None].chunk(2, dim=1)
                 h = h * (1 + scale) + shift

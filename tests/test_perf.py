@@ -1,0 +1,136 @@
+"""The lean z-phase (issue: perf): what a z-step may and may not run, and the profiling helpers.
+Behaviour only; the speed itself is measured by `python -m cgml_lightning.profiling`, never by a timed test."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cgml_lightning import CGMLModule, RegressorModule
+from cgml_lightning import algorithm as A
+from cgml_lightning.nets.unet import UNetGenerator
+from cgml_lightning.profiling import phase_profile, samples_per_second, train_step_seconds
+
+UNET_NET = {"name": "unet", "width": 8, "depth": 2}
+SMALL = dict(latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
+
+
+def count_calls(modules: list[nn.Module]) -> list[int]:
+    calls = [0]
+    for m in modules:
+        m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_z_steps_run_neither_encoder_nor_skip_convs(digits_dm):
+    """A z-step runs only the z-dependent part of the decoder: the skips' share of each level's first conv
+    (lateral) is part of encode(), computed once per batch."""
+    torch.manual_seed(0)
+    module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    batch = next(iter(digits_dm.train_dataloader()))
+    g = module.generator
+    encoder_calls = count_calls([g.stem, *g.down, *g.lateral])
+    decoder_calls = count_calls(list(g.up_in))
+    module.z_phase(g.encode(batch["x"]), batch["y"], batch["x"], batch["index"])
+    assert encoder_calls[0] == 1 + len(g.down) + len(g.lateral)            # the one encode() above
+    runs = 1 + SMALL["start_candidates"] + SMALL["z_steps"]                   # candidates + z-steps
+    assert decoder_calls[0] == runs * len(g.up_in)
+
+
+def test_split_skip_conv_equals_conv_of_concatenation():
+    """up_in(h) + lateral(skip) is the U-Net's conv of [h, skip] with the two weights side by side."""
+    torch.manual_seed(0)
+    g = UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, width=4, depth=1)
+    h, skip = torch.randn(2, 8, 8, 8), torch.randn(2, 4, 8, 8)
+    weight = torch.cat([g.up_in[0].weight, g.lateral[0].weight], dim=1)
+    joint = torch.nn.functional.conv2d(torch.cat([h, skip], 1), weight, g.lateral[0].bias, padding=1)
+    torch.testing.assert_close(g.up_in[0](h) + g.lateral[0](skip), joint, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("convs", [1, 2])
+def test_decoder_convs(convs):
+    g = UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, width=4, depth=2, decoder_convs=convs)
+    assert sum(isinstance(m, nn.Conv2d) for m in g.up.modules()) == (convs - 1) * 2
+    out = g.decode(g.encode(torch.rand(2, 2, 8, 8)), A.sphere_sample(2, dim=3))
+    assert out.shape == (2, 1, 8, 8)
+
+
+def test_decoder_convs_rejected():
+    with pytest.raises(ValueError, match="decoder_convs"):
+        UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, decoder_convs=3)
+
+
+def test_z_steps_memory_is_flat():
+    """No graph survives from one z-step to the next: each step's gradient sees a fresh leaf."""
+    leaves = []
+
+    def loss_fn(z):
+        leaves.append(z)
+        return (z * 2).pow(2).sum(dim=1)
+
+    A.z_descent(loss_fn, A.sphere_sample(3, dim=4), steps=4, lr=0.1)
+    assert all(z.is_leaf and z.grad_fn is None for z in leaves)
+    assert len({id(z) for z in leaves}) == 4
+
+
+def test_profiling_helpers(digits_dm):
+    """train_step_seconds steps both kinds of module outside a Trainer and leaves them as they were;
+    phase_profile changes no weight."""
+    torch.manual_seed(0)
+    cgml = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    reg = RegressorModule(digits_dm.info(), UNET_NET)
+    batch = next(iter(digits_dm.train_dataloader()))
+    before = {k: v.clone() for k, v in cgml.state_dict().items()}
+    times = train_step_seconds({"cgml": cgml, "regressor": reg}, batch, repeats=2, warmup=0)
+    assert set(times) == {"cgml", "regressor"} and all(t > 0 for t in times.values())
+    changed = [k for k, v in cgml.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("generator.") for k in changed) and "latents" in changed
+    assert "optimizers" not in cgml.__dict__ and "log" not in cgml.__dict__        # patches removed
+
+    after_steps = {k: v.clone() for k, v in cgml.state_dict().items()}
+    phases = phase_profile(cgml, batch, repeats=1, warmup=0)
+    assert set(phases) == {"encoder_s", "start_selection_s", "z_steps_s", "dynamics_phase_s", "w_phase_s"}
+    assert all(torch.equal(v, after_steps[k]) for k, v in cgml.state_dict().items())
+    assert samples_per_second(cgml, batch["x"][:4], 3, repeats=1) > 0
+
+
+# ---- speed options from config: model.compile, model.channels_last, trainer.precision -----------------------------
+def test_compile_wraps_encode_and_decode_and_keeps_state_dict_keys(digits_dm):
+    plain = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL, compile=True)
+    assert module.generator.decode is not module.generator.__class__.decode
+    assert hasattr(module.generator.decode, "_torchdynamo_orig_callable")
+    assert list(module.state_dict()) == list(plain.state_dict())          # checkpoints stay interchangeable
+
+
+def test_compile_skipped_with_warning_where_unsupported(digits_dm, monkeypatch):
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.warns(UserWarning, match="model.compile=true ignored"):
+        module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL, compile=True)
+    assert not hasattr(module.generator.decode, "_torchdynamo_orig_callable")
+
+
+def test_channels_last_gives_the_same_outputs(digits_dm):
+    batch = next(iter(digits_dm.train_dataloader()))
+    torch.manual_seed(0)
+    plain = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    torch.manual_seed(0)
+    fast = CGMLModule(digits_dm.info(), UNET_NET, **SMALL, channels_last=True)
+    assert fast.generator.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    feats = fast.generator.encode(batch["x"][:4])                          # a plain NCHW batch in
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats)
+    a = plain.sample(batch["x"][:4], 3, seed=0)
+    b = fast.sample(batch["x"][:4], 3, seed=0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_mixed_precision_trains_cgml(toy_dm):
+    import lightning as L
+
+    module = CGMLModule(toy_dm.info(), {"name": "mlp", "width": 32, "depth": 2}, **SMALL)
+    before = module.latents.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", fast_dev_run=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=toy_dm)
+    assert module.latents.dtype == torch.float32 and not torch.equal(module.latents, before)
+    assert torch.isfinite(module.latents).all()
