@@ -12,11 +12,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from cgml_lightning.evaluation import evaluate as evaluate_module
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.modules import ConditionalModule
-from cgml_lightning.plots import save_samples_png
+from cgml_lightning.plots import image_grid, save_samples_png
+from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
+                                        input_channels, load_hint, load_images, load_mask, task_degradation)
 
 log = logging.getLogger("cgml_lightning")
 CONFIG_PATH = "pkg://cgml_lightning.conf"
@@ -111,19 +114,27 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
                              f"init_from={path} for a new schedule")
 
 
-def load_for_inference(cfg: DictConfig):
-    """The checkpoint's module, and the data it was trained on unless cfg.data overrides it."""
-    path = Path(cfg.ckpt_path)
+def load_checkpoint(ckpt_path: str) -> ConditionalModule:
+    path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no such checkpoint: {path.resolve()}")
-    module = load_module(path)
+    return load_module(path)
+
+
+def load_for_inference(cfg: DictConfig):
+    """The checkpoint's module, and the data it was trained on unless cfg.data overrides it."""
+    module = load_checkpoint(cfg.ckpt_path)
+    return module, checkpoint_datamodule(cfg, module)
+
+
+def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     data_cfg = cfg.get("data") or module.data_info.get("data")
     if not data_cfg:
-        raise ValueError(f"{path}: the checkpoint records no data config; pass data=... on the command line")
+        raise ValueError(f"{cfg.ckpt_path}: the checkpoint records no data config; pass data=... on the command line")
     dm = instantiate(data_cfg)
     dm.prepare_data()
     dm.setup("test")
-    return module, dm
+    return dm
 
 
 def load_module(path: Path) -> ConditionalModule:
@@ -137,20 +148,75 @@ def load_module(path: Path) -> ConditionalModule:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
+    from cgml_lightning.classifier import build_eval_nets
+
     module, dm = load_for_inference(cfg)
-    metrics = evaluate_module(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed)
+    nets = build_eval_nets(dm, **plain(cfg.feature_net)) if cfg.get("feature_net") else None
+    metrics = evaluate_module(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed, nets)
     write_json(output_dir() / "metrics.json", metrics)
     return metrics
 
 
+def sample_inputs(cfg: DictConfig, module: ConditionalModule) -> tuple[UserInputs, Any]:
+    """What to condition on: the user's images (input=), else the checkpoint's test inputs, re-masked by mask=.
+    Returns them with the checkpoint's datamodule when it was loaded (None for input=: no training data needed)."""
+    info = module.data_info
+    if cfg.get("input") or cfg.get("mask"):
+        channels, height, width = check_image_model(info, "input" if cfg.get("input") else "mask")
+        degradation = task_degradation(info.get("data"), info)
+        mask = load_mask(cfg.mask, (height, width), cfg.crop) if cfg.get("mask") else None
+    if not cfg.get("input"):
+        dm = checkpoint_datamodule(cfg, module)
+        batch = next(iter(dm.test_dataloader()))
+        x, y = batch["x"][: cfg.num_inputs], batch["y"][: cfg.num_inputs]
+        if not cfg.get("mask"):
+            return UserInputs(x, y, []), dm
+        return build_inputs(info, degradation, y, [], mask, degrade=True, seed=cfg.seed), dm   # test images, user mask
+    files = image_files(cfg.input)
+    if len(files) > cfg.num_inputs:
+        log.warning("input: sampling the first %d of %d images under %s (num_inputs=%d; raise it for more)",
+                    cfg.num_inputs, len(files), cfg.input, cfg.num_inputs)
+        files = files[: cfg.num_inputs]
+    images = load_images(files, input_channels(info, degradation, cfg.degrade), (height, width), cfg.crop)
+    return build_inputs(info, degradation, images, [str(f) for f in files], mask, cfg.degrade, cfg.seed), None
+
+
+def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[str, Any]:
+    """guide= from hint=FILE (masked L1 to its known pixels; for completion only those inside the hole)."""
+    channels, height, width = check_image_model(module.data_info, "hint")
+    hint, known = load_hint(cfg.hint, channels, (height, width), cfg.crop)
+    hole = module.hole(x)
+    if hole is not None:                                        # completion: only hidden pixels can follow a hint
+        known = known * hole
+        if not known.any():
+            raise ValueError(f"hint: {cfg.hint} has no known pixel inside the hidden region of any input; "
+                             "draw the hint where the mask is white")
+    return {"guide": hint_guide(hint, known), "hint": hint, "hint_known": known}
+
+
 def run_sample(cfg: DictConfig) -> Path:
-    module, dm = load_for_inference(cfg)
+    """samples.png (input | N samples | the image given, or the truth) and samples.pt (x, samples, y, files, hint)."""
+    module = load_checkpoint(cfg.ckpt_path)
+    inputs, dm = sample_inputs(cfg, module)
     out = output_dir()
-    batch = next(iter(dm.test_dataloader()))
-    x = batch["x"][: cfg.num_inputs]
-    samples = module.sample(x, cfg.num_samples, seed=cfg.seed).cpu()
-    torch.save({"x": x, "samples": samples, "y": batch["y"][: cfg.num_inputs]}, out / "samples.pt")
-    return save_samples_png(module, dm, out / "samples.png", cfg.num_inputs, cfg.num_samples, cfg.seed)
+    kwargs = {k: cfg[k] for k in ("guide_steps", "guide_lr", "guide_settle_steps") if cfg.get(k) is not None}
+    payload: dict[str, Any] = {"x": inputs.x, "files": inputs.files}
+    if cfg.get("hint"):
+        guided = hint_kwargs(cfg, module, inputs.x)
+        kwargs["guide"] = guided.pop("guide")
+        payload.update(guided)
+    samples = module.sample(inputs.x, cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed), **kwargs)
+    payload["samples"] = samples.cpu()
+    if inputs.given is not None:
+        payload["y"] = inputs.given
+    torch.save(payload, out / "samples.pt")
+    log.info("wrote %s", out / "samples.pt")
+    path = out / "samples.png"
+    if module.data_info.get("kind") == "image":
+        image_grid(inputs.x, payload["samples"], inputs.given).save(path)
+        log.info("wrote %s", path)
+        return path
+    return save_samples_png(module, dm, path, cfg.num_inputs, cfg.num_samples, cfg.seed)   # vector data: a plot
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

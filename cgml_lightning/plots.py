@@ -30,6 +30,18 @@ def image_grid(x: Tensor, samples: Tensor, y: Tensor | None = None, scale: int =
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
+def draw_toy(ax, x: Tensor, samples: Tensor, modes: Tensor | None, dim: int = 0) -> None:
+    """On a matplotlib axis: output dimension `dim` of the samples [B, N, D] (red) against x [B, 1], and the true
+    modes [B, K, D] as black lines (None: no modes)."""
+    if modes is not None:
+        for k in range(modes.shape[1]):
+            ax.plot(x[:, 0].cpu(), modes[:, k, dim].cpu(), color="black", lw=1, alpha=0.6)
+    xs = x[:, :1].expand(-1, samples.shape[1]).cpu()
+    ax.scatter(xs.flatten(), samples[..., dim].detach().flatten().cpu(), s=3, alpha=0.4, color="tab:red")
+    ax.set_xlabel("x")
+    ax.set_ylabel(f"y[{dim}]")
+
+
 def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path, title: str = "") -> None:
     """Samples against x for each output dimension, with the true modes as lines. x [B, 1], samples [B, N, D]."""
     import matplotlib
@@ -39,14 +51,8 @@ def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path,
 
     dims = samples.shape[-1]
     fig, axes = plt.subplots(1, dims, figsize=(4 * dims, 3.2), squeeze=False)
-    xs = x[:, :1].expand(-1, samples.shape[1]).cpu()
     for d, ax in enumerate(axes[0]):
-        if modes is not None:
-            for k in range(modes.shape[1]):
-                ax.plot(x[:, 0].cpu(), modes[:, k, d].cpu(), color="black", lw=1, alpha=0.6)
-        ax.scatter(xs.flatten(), samples[..., d].flatten().cpu(), s=3, alpha=0.4, color="tab:red")
-        ax.set_xlabel("x")
-        ax.set_ylabel(f"y[{d}]")
+        draw_toy(ax, x, samples, modes, d)
     fig.suptitle(title or "samples (red) and true modes (black)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -379,3 +379,114 @@ def test_train_regressor_fdr(workdir):
     assert metrics["mode_coverage"] == 0.0                          # N identical samples never cover both modes
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert not any("latents" in k for k in ckpt["state_dict"])
+
+
+# ---- cgml-sample on users' files ---------------------------------------------------------------------------------
+def write_png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def ramp(size: int, channels: int = 1) -> np.ndarray:
+    """A diagonal grey ramp [size, size] (or [size, size, 3]) in uint8: a resize or mix-up would show."""
+    a = (np.add.outer(np.arange(size), np.arange(size)) * 255 // (2 * size - 2)).astype(np.uint8)
+    return np.stack([a] * 3, axis=-1) if channels == 3 else a
+
+
+@pytest.fixture(scope="module")
+def user_folder(workdir) -> Path:
+    folder = workdir / "my images"
+    write_png(folder / "a_small.png", ramp(8))                              # the model's size: used as it is
+    write_png(folder / "b_big_rgb.png", ramp(32, channels=3))               # RGB, 4x: converted and resized
+    write_png(folder / "nested" / "c.png", 255 - ramp(16))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_sample_on_a_folder_of_user_images(digits_run, workdir, user_folder):
+    out = workdir / "sample_folder"
+    run_cli("cgml-sample", f"ckpt_path={digits_run / 'checkpoints' / 'last.ckpt'}", f"input={user_folder}",
+            "num_samples=3", f"hydra.run.dir={out}", cwd=workdir)
+    saved = torch.load(out / "samples.pt", map_location="cpu", weights_only=True)
+    assert [Path(f).relative_to(user_folder).as_posix() for f in saved["files"]] == [
+        "a_small.png", "b_big_rgb.png", "nested/c.png"]
+    assert saved["x"].shape == (3, 2, 8, 8) and saved["samples"].shape == (3, 3, 1, 8, 8)
+    given = saved["y"]
+    assert given.shape == (3, 1, 8, 8)
+    torch.testing.assert_close(given[0, 0], torch.from_numpy(ramp(8)).float() / 255)
+    # the checkpoint's task (digits: the bottom half hidden) was applied; samples keep the visible top half
+    assert saved["x"][:, 1, 4:].eq(1).all() and saved["x"][:, 1, :4].eq(0).all()
+    torch.testing.assert_close(saved["x"][:, 0, :4], given[:, 0, :4])
+    for i in range(3):
+        torch.testing.assert_close(saved["samples"][:, i, :, :4], given[:, :, :4])
+    from PIL import Image
+
+    with Image.open(out / "samples.png") as grid:                           # input | 3 samples | given, 3 rows
+        assert grid.size == (5 * 10 * 4, 3 * 10 * 4)
+
+
+def test_sample_with_a_mask_file_and_a_hint(digits_run, workdir, user_folder):
+    from cgml_lightning.cli import load_module
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255                                                        # white = unknown: the right half
+    mask_file = write_png(workdir / "mask.png", mask)
+    hint = np.zeros((8, 8, 2), np.uint8)                                      # grey + alpha
+    hint[2:6, 5:7] = (255, 255)                                               # white strokes, opaque, in the hole
+    hint_file = write_png(workdir / "hint.png", hint)
+    out = workdir / "sample_mask"
+    ckpt = digits_run / "checkpoints" / "last.ckpt"
+    run_cli("cgml-sample", f"ckpt_path={ckpt}", f"input={user_folder / 'a_small.png'}", f"mask={mask_file}",
+            f"hint={hint_file}", "guide_settle_steps=0", "num_samples=4", f"hydra.run.dir={out}", cwd=workdir)
+    saved = torch.load(out / "samples.pt", map_location="cpu", weights_only=True)
+    assert saved["x"].shape == (1, 2, 8, 8)
+    expected_mask = torch.zeros(8, 8)
+    expected_mask[:, 4:] = 1
+    assert torch.equal(saved["x"][0, 1], expected_mask)                       # the user's mask, not the task's
+    known = saved["hint_known"]
+    assert known.shape == (1, 1, 8, 8) and known.sum() == 8 and known[0, 0, 2:6, 5:7].eq(1).all()
+    # the hint pulled the hidden pixels it covers toward white, compared with unguided samples of the same start
+    module = load_module(ckpt)
+    free = module.sample(saved["x"], 4, generator=torch.Generator().manual_seed(0))
+    on_hint = known.bool().expand(1, 1, 8, 8)
+    guided_err = (saved["samples"][:, :, on_hint[0]] - 1).abs().mean()
+    free_err = (free[:, :, on_hint[0]] - 1).abs().mean()
+    assert guided_err < free_err
+
+
+def test_sample_mask_on_the_checkpoint_test_images(digits_run, workdir):
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    out = workdir / "sample_mask_test_images"
+    run_cli("cgml-sample", f"ckpt_path={digits_run / 'checkpoints' / 'last.ckpt'}",
+            f"mask={write_png(workdir / 'box.png', mask)}", "num_inputs=5", "num_samples=2", f"hydra.run.dir={out}",
+            cwd=workdir)
+    saved = torch.load(out / "samples.pt", map_location="cpu", weights_only=True)
+    assert saved["x"].shape == (5, 2, 8, 8) and saved["y"].shape == (5, 1, 8, 8)
+    assert torch.equal(saved["x"][:, 1].sum((1, 2)), torch.full((5,), 16.0))
+    torch.testing.assert_close(saved["samples"][:, :, :, :2], saved["y"][:, None, :, :2].expand(5, 2, 1, 2, 8))
+
+
+def test_sample_errors_name_the_file(digits_run, toy_run, workdir):
+    wide = write_png(workdir / "wide image.png", np.zeros((8, 24), np.uint8))
+    proc = run_cli("cgml-sample", f"ckpt_path={digits_run / 'checkpoints' / 'last.ckpt'}", f"input={wide}",
+                   f"hydra.run.dir={workdir / 'sample_bad'}", cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert str(wide) in proc.stderr and "24x8" in proc.stderr and "crop=true" in proc.stderr, proc.stderr[-3000:]
+
+    from cgml_lightning.cli import run_sample
+
+    def sample_cfg(**keys):
+        return OmegaConf.create({"num_samples": 2, "num_inputs": 4, "seed": 0, "input": None, "degrade": True,
+                                 "crop": False, "mask": None, "hint": None, "data": None, **keys})
+
+    digits_ckpt, toy_ckpt = digits_run / "checkpoints" / "last.ckpt", toy_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        run_sample(sample_cfg(ckpt_path=str(digits_ckpt), input=str(workdir / "missing.png")))
+    with pytest.raises(FileNotFoundError, match="no_mask.png"):
+        run_sample(sample_cfg(ckpt_path=str(digits_ckpt), mask=str(workdir / "no_mask.png")))
+    with pytest.raises(ValueError, match="input= takes images.*vector data"):
+        run_sample(sample_cfg(ckpt_path=str(toy_ckpt), input=str(wide)))

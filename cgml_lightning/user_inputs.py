@@ -1,0 +1,199 @@
+"""Users' own files for `cgml-sample`: images (a file or a folder), a completion mask, a hint that guides samples.
+
+Everything is read with the loaders of data/folders.py and turned into the checkpoint's task input with
+data/degradations.py, so `cgml-sample input=photo.png` sees what the model saw in training: the same mask,
+grey conversion, noise or downsampling. A file that does not fit the model is an error naming the file.
+
+Sizes: a file of the model's size is used as it is; one of the same aspect ratio is resized to the model's
+size; any other is an error (or, with crop=true, resized on its shorter side and centre-cropped).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from cgml_lightning.data.degradations import Degradation, apply_mask
+from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, list_images, open_image,
+                                         resize_crop, to_tensor)
+
+log = logging.getLogger("cgml_lightning")
+
+ASPECT_TOLERANCE = 0.02          # relative difference of width/height ratios still resized without a crop
+HINT_THRESHOLD = 8 / 255         # a hint pixel with any channel above this (or a non-zero alpha) is known
+STREAM_USER = 2                  # random degradations of user images draw from their own stream (0 train, 1 test)
+
+
+def task_degradation(data_cfg: dict[str, Any] | None, data_info: dict[str, Any]) -> Degradation:
+    """The degradation the checkpoint was trained with, from the data config it recorded (data_info["data"]).
+
+    Datamodules with flat `data.task`/`data.mask`... keys (fmnist, image_folder) name it; the digits module always
+    hides one half; paired folders (pix2pix) and other data take their input as it is (identity)."""
+    cfg = dict(data_cfg or {})
+    target = str(cfg.pop("_target_", ""))
+    if "task" in cfg:
+        return Degradation.pop_from(cfg)
+    if target.endswith("DigitsDataModule"):
+        return Degradation(task="completion", mask="half", mask_side=cfg.get("mask_side", "bottom"))
+    if data_info.get("mask_channel"):
+        raise ValueError(f"the checkpoint's data ({target or 'unknown'}) hides pixels but records no mask; "
+                         "pass mask=FILE (a PNG, white = unknown)")
+    return Degradation(task="identity")
+
+
+def check_image_model(data_info: dict[str, Any], key: str) -> tuple[int, int, int]:
+    """(channels, height, width) of the model's outputs; an error for a model of vector data."""
+    y_shape = list(data_info["y_shape"])
+    if data_info.get("kind") != "image" or len(y_shape) != 3:
+        raise ValueError(f"{key}= takes images, but this checkpoint was trained on vector data "
+                         f"(x_shape {list(data_info['x_shape'])}, y_shape {y_shape}); sample it without {key}=")
+    return y_shape[0], y_shape[1], y_shape[2]
+
+
+def fit_size(img: Image.Image, path: Path, size: tuple[int, int], crop: bool, key: str,
+             resample: int = Image.BICUBIC) -> Image.Image:
+    """img at the model's size (height, width): as it is, resized when the aspect ratio fits, or cropped (crop=true)."""
+    h, w = size
+    if img.size == (w, h):
+        return img
+    if crop:
+        if h != w:
+            raise ValueError(f"crop=true centre-crops to a square, but the model's images are {w}x{h} (W x H)")
+        return resize_crop(img, h)
+    ratio, model_ratio = img.size[0] / img.size[1], w / h
+    if abs(ratio - model_ratio) > ASPECT_TOLERANCE * model_ratio:
+        raise ImageDataError(f"{key}: {path} is {img.size[0]}x{img.size[1]} (W x H) but the model takes {w}x{h}: "
+                             f"the aspect ratio differs, so it cannot be resized without distortion. Crop it to "
+                             f"{w}:{h} first, or pass crop=true to resize its shorter side and centre-crop")
+    log.info("%s: resized %s from %dx%d to %dx%d", key, path, img.size[0], img.size[1], w, h)
+    return img.resize((w, h), resample)
+
+
+def open_checked(path: Path, key: str, mode: str) -> Image.Image:
+    """Decode a user's file (PIL mode L, RGB, LA or RGBA); errors name the key and the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no such file: {path.resolve()}")
+    try:
+        if mode in ("L", "RGB"):
+            return open_image(path, 1 if mode == "L" else 3)
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except UNREADABLE as err:
+        raise ImageDataError(f"{key}: cannot read {path} as an image ({type(err).__name__}: {err})") from err
+
+
+def image_files(source: str | Path, key: str = "input") -> list[Path]:
+    """The image file itself, or the images under a folder (recursive, sorted); errors name what is missing."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return list_images(path, key)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: no such file or folder: {path.resolve()}")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ImageDataError(f"{key}: {path} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+    return [path]
+
+
+def load_images(files: list[Path], channels: int, size: tuple[int, int], crop: bool = False,
+                key: str = "input") -> Tensor:
+    """Images [N, channels, H, W] in [0, 1], each converted to grey (1) or RGB (3) and fitted to the model's size."""
+    images = []
+    for path in files:
+        img = open_checked(path, key, "L" if channels == 1 else "RGB")
+        images.append(to_tensor(fit_size(img, path, size, crop, key)))
+    return torch.stack(images)
+
+
+def load_mask(path: str | Path, size: tuple[int, int], crop: bool = False) -> Tensor:
+    """A completion mask [1, H, W] from a picture where white (> 50% grey) = unknown, black = known."""
+    path = Path(path).expanduser()
+    img = fit_size(open_checked(path, "mask", "L"), path, size, crop, "mask", Image.NEAREST)
+    mask = (torch.from_numpy(np.asarray(img, dtype=np.float32)) > 127.5).float()[None]
+    if mask.sum() == 0:
+        raise ValueError(f"mask: {path} hides no pixel (white = unknown, black = known); it is all black")
+    if mask.min() == 1:
+        raise ValueError(f"mask: {path} hides every pixel (white = unknown, black = known); nothing is left to "
+                         "condition on")
+    return mask
+
+
+def load_hint(path: str | Path, channels: int, size: tuple[int, int], crop: bool = False) -> tuple[Tensor, Tensor]:
+    """A hint image [C, H, W] and where it is known [1, H, W]: its alpha > 0 when it has transparency, else
+    its non-black pixels (any channel above HINT_THRESHOLD)."""
+    path = Path(path).expanduser()
+    with_alpha = open_checked(path, "hint", "LA" if channels == 1 else "RGBA")
+    has_alpha = bool(np.asarray(with_alpha)[..., -1].min() < 255)
+    img = to_tensor(fit_size(with_alpha, path, size, crop, "hint", Image.NEAREST))           # [C + 1, H, W]
+    colour, alpha = img[:-1], img[-1:]
+    known = (alpha > 0) if has_alpha else (colour > HINT_THRESHOLD).any(dim=0, keepdim=True)
+    if not known.any():
+        raise ValueError(f"hint: {path} has no known pixel (known = non-transparent, or non-black when it has "
+                         "no transparency)")
+    return colour, known.float()
+
+
+def hint_guide(hint: Tensor, known: Tensor) -> Callable[[Tensor], Tensor]:
+    """Masked L1 to the hint: samples [B, N, C, H, W] -> scalar. hint [C, H, W] (one for all inputs) or
+    [B, C, H, W] (one per input); known [1, H, W] or [B, 1, H, W]: 1 where the hint's pixels count."""
+    target = hint.unsqueeze(1) if hint.dim() == 4 else hint                                 # [B, 1, C, H, W]
+    weight = known.unsqueeze(1) if known.dim() == 4 else known                              # [B, 1, 1, H, W]
+
+    def guide(samples: Tensor) -> Tensor:
+        return ((samples - target.to(samples)).abs() * weight.to(samples)).sum()
+
+    return guide
+
+
+@dataclass
+class UserInputs:
+    """What cgml-sample conditions on: x [B, *x_shape]; the images given, when they are the clean targets
+    (shown as the grid's last column); the file behind each row."""
+
+    x: Tensor
+    given: Tensor | None
+    files: list[str]
+
+
+def build_inputs(data_info: dict[str, Any], degradation: Degradation, images: Tensor, files: list[str],
+                 mask: Tensor | None = None, degrade: bool = True, seed: int = 0) -> UserInputs:
+    """Turn images [N, C, H, W] into the model's inputs.
+
+    images: clean images (degrade=true: the task's degradation makes x, and they are kept as `given`), or
+      already degraded ones (degrade=false: a grey photo to colorize, a noisy one to denoise).
+    mask: [1, H, W], 1 = unknown: replaces the task's mask (completion checkpoints only).
+    """
+    x_shape = list(data_info["x_shape"])
+    completion = degradation.task == "completion"
+    if mask is not None and not completion:
+        raise ValueError(f"mask= is for completion checkpoints; this one was trained for task={degradation.task}")
+    if completion:
+        if mask is None and not degrade:
+            raise ValueError("degrade=false with a completion checkpoint needs mask=FILE (white = unknown): "
+                             "the model must know which pixels to fill")
+        x_new = apply_mask(images, mask) if mask is not None else degradation.apply(images, seed, STREAM_USER)
+        given = images
+    elif degrade:
+        x_new, given = degradation.apply(images, seed, STREAM_USER), images
+        if degradation.task == "identity":
+            given = None                                                # the image is the input: no target
+    else:
+        x_new, given = images, None
+    if list(x_new.shape[1:]) != x_shape:
+        raise ImageDataError(f"input: the images make inputs of shape {list(x_new.shape[1:])} but the checkpoint "
+                             f"takes {x_shape} (task={degradation.task}, degrade={degrade})")
+    return UserInputs(x_new, given, files)
+
+
+def input_channels(data_info: dict[str, Any], degradation: Degradation, degrade: bool) -> int:
+    """How many channels to read user images with: the target's, or the input's when they are already degraded."""
+    y_channels, x_channels = data_info["y_shape"][0], data_info["x_shape"][0]
+    if degrade or degradation.task == "completion":
+        return y_channels
+    return x_channels
