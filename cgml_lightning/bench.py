@@ -34,6 +34,7 @@ from cgml_lightning.evaluation import evaluate
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.metrics import psnr
 from cgml_lightning.probe import linear_probe
+from cgml_lightning.profiling import samples_per_second
 
 log = logging.getLogger("cgml_lightning")
 
@@ -157,19 +158,6 @@ def convergence_curve(module, snapshots: Snapshots, batch: dict[str, Tensor], nu
         curve.append({"seconds": round(seconds, 3), "batches": batches,
                       "psnr_best_of_n": psnr(samples, batch["y"]).amax(1).mean().item()})
     return curve
-
-
-def samples_per_second(module, x: Tensor, num_samples: int, repeats: int) -> float:
-    """len(x) x num_samples samples in one batched sample() call, median of `repeats` after one warm-up call."""
-    module.sample(x, num_samples, seed=0)
-    times = []
-    for i in range(repeats):
-        sync(module.device)
-        start = time.perf_counter()
-        module.sample(x, num_samples, seed=i)
-        sync(module.device)
-        times.append(time.perf_counter() - start)
-    return len(x) * num_samples / statistics.median(times)
 
 
 def train_seconds_per_step(module, train_cfg: DictConfig, batches: list[dict[str, Tensor]], warmup: int) -> float:

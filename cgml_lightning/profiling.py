@@ -22,10 +22,18 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a time covers the kernels and not only their launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def train_step_seconds(modules: dict[str, object], batch: dict[str, Tensor], repeats: int = 5,
@@ -41,8 +49,10 @@ def train_step_seconds(modules: dict[str, object], batch: dict[str, Tensor], rep
         times: dict[str, list[float]] = {name: [] for name in modules}
         for _ in range(repeats):
             for name, step in steps.items():
+                _sync()
                 start = time.perf_counter()
                 step()
+                _sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -22,7 +22,7 @@ class CGMLModule(ConditionalModule):
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
                  latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
                  z_normalized: bool = False,
-                 start_candidates: int = 8, restart_prob: float = 1.0, inference_steps: int = 5,
+                 start_candidates: int = 4, restart_prob: float = 1.0, inference_steps: int = 5,
                  dynamics_target: str = "final", distance: str = "l1", distance_region: str = "auto",
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
