@@ -34,7 +34,7 @@ from cgml_lightning.evaluation import evaluate
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.metrics import psnr
 from cgml_lightning.probe import linear_probe
-from cgml_lightning.profiling import samples_per_second
+from cgml_lightning.profiling import phase_profile, samples_per_second
 
 log = logging.getLogger("cgml_lightning")
 
@@ -173,13 +173,9 @@ def train_seconds_per_step(module, train_cfg: DictConfig, batches: list[dict[str
     return statistics.median(timer.seconds)
 
 
-def phase_profile(module, batch: dict[str, Tensor], repeats: int) -> dict[str, float] | None:
-    """cgml_lightning.profiling.phase_profile on one training batch, or None where that function does not exist."""
-    try:
-        from cgml_lightning.profiling import phase_profile as profile
-    except ImportError:
-        return None
-    return profile(module, {k: v.to(module.device) for k, v in batch.items()}, repeats)
+def cgml_phases(module, batch: dict[str, Tensor], repeats: int) -> dict[str, float]:
+    """profiling.phase_profile on one training batch, moved to the module's device."""
+    return phase_profile(module, {k: v.to(module.device) for k, v in batch.items()}, repeats)
 
 
 # ---- reports ---------------------------------------------------------------------------------------------------
@@ -338,9 +334,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     plot_curves(results, out / "convergence.png", prof.curve_num_samples)
     (out / "bench.md").write_text(markdown(report, None))
     if "cgml" in models:                                        # written last: bench.json/md exist if it fails
-        phases = phase_profile(models["cgml"], timing_batches[0], prof.phase_repeats)
-        if phases is not None:
-            (out / "bench.md").write_text(markdown(report, phases))
+        phases = cgml_phases(models["cgml"], timing_batches[0], prof.phase_repeats)
+        (out / "bench.md").write_text(markdown(report, phases))
     log.info("wrote %s", out / "bench.md")
     return report
 

@@ -84,16 +84,25 @@ def test_z_phase_start_is_no_worse_than_warm_start(case, toy_dm, digits_dm):
         assert (loss_fn(start) <= loss_fn(module.latents[index]) + 1e-5).all()
 
 
-@pytest.mark.parametrize("lipschitz", [None, {"kind": "perturbation", "weight": 0.1}])
-@pytest.mark.parametrize("case", ["mlp", "unet"])
-def test_dynamics_phase_grads_only_dynamics(case, lipschitz, toy_dm, digits_dm):
-    module, batch = make_module(case, toy_dm, digits_dm, lipschitz=lipschitz)
+def backward_after_z_phase(module_and_batch, phase: str):
+    """Run the z-phase, then backward one phase's loss ("dynamics" or "generator"); returns the module."""
+    module, batch = module_and_batch
     x, y, index = batch["x"], batch["y"], batch["index"]
     feats = module.generator.encode(x)
     path = module.z_phase(feats, y, x, index)
-    loss = module.dynamics_phase_loss(module.generator.summarize(feats), path)
+    if phase == "dynamics":
+        loss = module.dynamics_phase_loss(module.generator.summarize(feats), path)
+    else:
+        loss = module.generator_phase_loss(feats, path[-1], y, x)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
+    return module
+
+
+@pytest.mark.parametrize("lipschitz", [None, {"kind": "perturbation", "weight": 0.1}])
+@pytest.mark.parametrize("case", ["mlp", "unet"])
+def test_dynamics_phase_grads_only_dynamics(case, lipschitz, toy_dm, digits_dm):
+    module = backward_after_z_phase(make_module(case, toy_dm, digits_dm, lipschitz=lipschitz), "dynamics")
     for name, p in module.generator.named_parameters():
         assert p.grad is None, f"generator.{name} got a gradient from the dynamics loss"
     assert module.latents.grad is None
@@ -105,13 +114,7 @@ def test_dynamics_phase_grads_only_dynamics(case, lipschitz, toy_dm, digits_dm):
 @pytest.mark.parametrize("lipschitz", [None, {"kind": "perturbation", "weight": 0.1}])
 @pytest.mark.parametrize("case", ["mlp", "unet"])
 def test_generator_phase_grads_no_dynamics(case, lipschitz, toy_dm, digits_dm):
-    module, batch = make_module(case, toy_dm, digits_dm, lipschitz=lipschitz)
-    x, y, index = batch["x"], batch["y"], batch["index"]
-    feats = module.generator.encode(x)
-    path = module.z_phase(feats, y, x, index)
-    loss = module.generator_phase_loss(feats, path[-1], y, x)
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    loss.backward()
+    module = backward_after_z_phase(make_module(case, toy_dm, digits_dm, lipschitz=lipschitz), "generator")
     for name, p in module.dynamics.named_parameters():
         assert p.grad is None, f"dynamics.{name} got a gradient from the generator loss"
     assert module.latents.grad is None
