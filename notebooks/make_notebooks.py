@@ -67,10 +67,12 @@ print({key: tuple(value.shape) for key, value in batch.items()})   # index addre
     ("md", """\
 ## Train
 
-The same U-Net as `net=unet_small`; `z` lives on the sphere S¹⁵. Each training step runs the z-phase (gradient
-steps on `z` only), regresses `Z` on the path, and updates the generator at the converged `z`."""),
+The same U-Net and settings as `cgml-train` (`net=unet_small` and `conf/model_for_net/cgml_unet_small.yaml`);
+`z` lives on the sphere S¹⁵. Each training step runs the z-phase (3 short gradient steps on `z` only), regresses
+`Z` on the path, and updates the generator at the converged `z`."""),
     ("code", """\
-model = CGMLModule(data.info(), net={"name": "unet", "width": 32, "depth": 2}, latent_dim=16)
+unet = {"name": "unet", "width": 32, "depth": 2, "decoder_convs": 1}
+model = CGMLModule(data.info(), net=unet, latent_dim=16, z_steps=3, z_normalized=True, inference_steps=1)
 L.Trainer(max_epochs=3, **QUIET).fit(model, data)"""),
     ("md", """\
 ## Sample
@@ -250,7 +252,7 @@ if AVAILABLE:
         print("loaded", checkpoint)
     else:
         model = CGMLModule(data.info(), net={"name": "unet", "width": 16, "depth": 2}, latent_dim=16, z_steps=3,
-                           start_candidates=2)
+                           z_normalized=True, inference_steps=1, start_candidates=2)
         L.Trainer(max_epochs=2, limit_val_batches=2, **QUIET).fit(model, data)"""),
     ("md", """\
 ## Diverse completions

@@ -40,7 +40,7 @@ def test_z_steps_run_neither_encoder_nor_skip_convs(digits_dm):
 def test_split_skip_conv_equals_conv_of_concatenation():
     """up_in(h) + lateral(skip) is the U-Net's conv of [h, skip] with the two weights side by side."""
     torch.manual_seed(0)
-    g = UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, width=4, depth=1)
+    g = UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, width=4, depth=1, upsample="nearest")
     h, skip = torch.randn(2, 8, 8, 8), torch.randn(2, 4, 8, 8)
     weight = torch.cat([g.up_in[0].weight, g.lateral[0].weight], dim=1)
     joint = torch.nn.functional.conv2d(torch.cat([h, skip], 1), weight, g.lateral[0].bias, padding=1)
@@ -55,9 +55,20 @@ def test_decoder_convs(convs):
     assert out.shape == (2, 1, 8, 8)
 
 
+@pytest.mark.parametrize("upsample", ["transposed", "nearest"])
+@pytest.mark.parametrize("size", [8, 28, 7])
+def test_upsample_restores_every_level_size(upsample, size):
+    """28 -> 14 -> 7 -> 4 on the way down; the transposed conv's 8 is cropped back to 7 on the way up."""
+    g = UNetGenerator((2, size, size), (1, size, size), latent_dim=3, width=4, depth=3, upsample=upsample)
+    assert g.decode(g.encode(torch.rand(2, 2, size, size)), A.sphere_sample(2, dim=3)).shape == (2, 1, size, size)
+    assert all(isinstance(m, nn.ConvTranspose2d if upsample == "transposed" else nn.Conv2d) for m in g.up_in)
+
+
 def test_decoder_convs_rejected():
     with pytest.raises(ValueError, match="decoder_convs"):
         UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, decoder_convs=3)
+    with pytest.raises(ValueError, match="net.upsample"):
+        UNetGenerator((2, 8, 8), (1, 8, 8), latent_dim=3, upsample="bilinear")
 
 
 def test_z_steps_memory_is_flat():

@@ -17,11 +17,11 @@ def mlp(sizes: list[int], activation: type[nn.Module] = nn.SiLU) -> nn.Sequentia
 def init_weights(module: nn.Module, spectral_norm: bool = False) -> None:
     """Xavier-uniform weights and zero biases for every conv and linear; then spectral norm if asked."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.numel() > 0:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.weight.numel() > 0:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     if spectral_norm:
         for m in list(module.modules()):
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.utils.parametrizations.spectral_norm(m)
