@@ -5,9 +5,12 @@ measured side by side in one process (cgml / regressor step, phase / step).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -55,6 +58,43 @@ def train_step_seconds(modules: dict[str, object], batch: dict[str, Tensor], rep
                 _sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_step_memory_mb(modules: dict[str, object], batch: dict[str, Tensor]) -> dict[str, float | None]:
+    """Memory one training step adds at its peak, per module, in MiB: on CUDA the allocator's peak; on Linux CPUs
+    the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set before the step,
+    after freed heap memory went back to the OS. None where neither can be read."""
+    peaks: dict[str, float | None] = {}
+    with ExitStack() as stack:
+        for name, module in modules.items():
+            step = stack.enter_context(_standalone(module, batch))
+            step()                                                          # warm-up: optimizer state exists
+            peaks[name] = _peak_mb(step, next(module.parameters()).device)
+    return peaks
+
+
+def _peak_mb(step: Callable[[], object], device: torch.device) -> float | None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")                       # 5: reset the peak resident set
+        before = _proc_status_kib("VmRSS")
+        step()
+        return (_proc_status_kib("VmHWM") - before) / 1024
+    except (OSError, AttributeError):                                       # no glibc or no /proc (not Linux)
+        return None
+
+
+def _proc_status_kib(key: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1])
 
 
 def samples_per_second(module, x: Tensor, num_samples: int, repeats: int = 3, **kwargs) -> float:
@@ -171,6 +211,7 @@ def perf_report(overrides: list[str], baselines: tuple[str, ...] = ("regressor",
         "train_s_per_step": steps,
         "step_ratio_to_regressor": {n: t / steps["regressor"] for n, t in steps.items()} if "regressor" in steps else {},
         "goal_ratio": 1 + 0.4 * k,
+        "peak_step_memory_mb": peak_step_memory_mb(modules, batch),
         "phases_s": phase_profile(cgml, batch, repeats),
         "samples_per_s": {n: samples_per_second(m, x, num_samples) for n, m in modules.items()},
     }

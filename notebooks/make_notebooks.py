@@ -93,7 +93,7 @@ metrics = evaluate(model, data, num_samples=10, num_inputs=100)
 input (a regressor scores 0). The same from the command line:
 
 ```bash
-cgml-train hydra.run.dir=outputs/digits                                 # 60 epochs, about 5 minutes on a CPU
+cgml-train hydra.run.dir=outputs/digits                                 # 60 epochs, about 2 minutes on a CPU
 cgml-sample ckpt_path=outputs/digits/checkpoints/last.ckpt input=my_digit.png   # your own image
 ```"""),
 ]

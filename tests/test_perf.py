@@ -9,7 +9,7 @@ from torch import nn
 from cgml_lightning import CGMLModule, RegressorModule
 from cgml_lightning import algorithm as A
 from cgml_lightning.nets.unet import UNetGenerator
-from cgml_lightning.profiling import phase_profile, samples_per_second, train_step_seconds
+from cgml_lightning.profiling import peak_step_memory_mb, phase_profile, samples_per_second, train_step_seconds
 
 UNET_NET = {"name": "unet", "width": 8, "depth": 2}
 SMALL = dict(latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
@@ -103,6 +103,23 @@ def test_profiling_helpers(digits_dm):
     assert set(phases) == {"encoder_s", "start_selection_s", "z_steps_s", "dynamics_phase_s", "w_phase_s"}
     assert all(torch.equal(v, after_steps[k]) for k, v in cgml.state_dict().items())
     assert samples_per_second(cgml, batch["x"][:4], 3, repeats=1) > 0
+
+
+def test_peak_step_memory_grows_with_the_batch(digits_dm):
+    """The step's peak memory is measured per module and scales with what the step holds (16x the rows)."""
+    torch.manual_seed(0)
+    net = {"name": "unet", "width": 32, "depth": 2, "decoder_convs": 1}
+    modules = {"cgml": CGMLModule(digits_dm.info(), net, latent_dim=16, z_steps=3),
+               "regressor": RegressorModule(digits_dm.info(), net)}
+    train = digits_dm.splits["train"]
+    rows = torch.arange(256) % len(train)
+    big = {"x": train.x[rows], "y": train.y[rows], "index": rows}
+    small = {k: v[:16] for k, v in big.items()}
+    peak_big, peak_small = peak_step_memory_mb(modules, big), peak_step_memory_mb(modules, small)
+    if peak_big["cgml"] is None:
+        pytest.skip("neither CUDA nor /proc/self/clear_refs: peak memory is not readable here")
+    assert set(peak_big) == {"cgml", "regressor"}
+    assert peak_big["cgml"] > 3 * peak_small["cgml"] > 0 and peak_big["regressor"] > 3 * peak_small["regressor"] > 0
 
 
 # ---- speed options from config: model.compile, model.channels_last, trainer.precision -----------------------------
