@@ -72,7 +72,8 @@ The same U-Net and settings as `cgml-train` (`net=unet_small` and `conf/model_fo
 `Z` on the path, and updates the generator at the converged `z`."""),
     ("code", """\
 unet = {"name": "unet", "width": 32, "depth": 2, "decoder_convs": 1}
-model = CGMLModule(data.info(), net=unet, latent_dim=16, z_steps=3, z_normalized=True, inference_steps=1)
+model = CGMLModule(data.info(), net=unet, latent_dim=16, z_steps=3, z_normalized=True, z_lr=0.05,
+                   inference_steps=1)
 L.Trainer(max_epochs=3, **QUIET).fit(model, data)"""),
     ("md", """\
 ## Sample
@@ -235,11 +236,11 @@ if not AVAILABLE:
     ("md", """\
 ## Train (or load a checkpoint)
 
-A deliberately small run: 1000 training images, 2 epochs, a narrow U-Net, 3 z-steps from the best of 2
-starts — about half a minute on a CPU. Expect soft completions that look alike: in this little training the
-decoder has barely started to use `z` (the diversity printed below says how much). That is also the open
-problem of this repository's Fashion-MNIST runs on CPU budgets (README: diversity 0.007 after 4 minutes);
-with a longer run loaded through `CGML_FMNIST_CKPT` the same cells show what that run learned."""),
+A deliberately small run: 1000 training images, 2 epochs, a narrow U-Net, the image z-phase (3 short
+unit-gradient z-steps, as `cgml-train` sets for U-Nets) from the best of 2 starts — about half a minute on a CPU.
+Expect soft completions: the diversity printed below says how much this little run uses `z`. The README's
+4-minute runs reach diversity 0.05 and a best-of-10 PSNR 0.8-1.2 dB above the regressor's; with a longer run
+loaded through `CGML_FMNIST_CKPT` the same cells show what that run learned."""),
     ("code", """\
 if AVAILABLE:
     L.seed_everything(0)
@@ -252,7 +253,7 @@ if AVAILABLE:
         print("loaded", checkpoint)
     else:
         model = CGMLModule(data.info(), net={"name": "unet", "width": 16, "depth": 2}, latent_dim=16, z_steps=3,
-                           z_normalized=True, inference_steps=1, start_candidates=2)
+                           z_normalized=True, z_lr=0.05, inference_steps=1, start_candidates=2)
         L.Trainer(max_epochs=2, limit_val_batches=2, **QUIET).fit(model, data)"""),
     ("md", """\
 ## Diverse completions
