@@ -7,7 +7,8 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs():
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                 # the example's Trainer writes checkpoints/ into the working dir
     if not README.is_file():
         pytest.skip("README.md not next to the tests (installed elsewhere)")
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
