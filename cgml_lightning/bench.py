@@ -34,7 +34,7 @@ from cgml_lightning.evaluation import evaluate
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.metrics import psnr
 from cgml_lightning.probe import linear_probe
-from cgml_lightning.profiling import phase_profile, samples_per_second
+from cgml_lightning.profiling import phase_profile, samples_per_second, sync
 
 log = logging.getLogger("cgml_lightning")
 
@@ -42,11 +42,6 @@ log = logging.getLogger("cgml_lightning")
 TRAIN_OVERRIDES = ("callbacks=none",       # the bench takes its own snapshots; no checkpoints of a val metric
                    "logger=csv",           # training losses per model in models/NAME/csv
                    "model.scheduler=null")  # constant learning rates: an epoch schedule means nothing under max_time
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Snapshots(L.Callback):

@@ -25,18 +25,18 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
     times = []
     for _ in range(repeats):
-        _sync()
+        sync()
         start = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _sync() -> None:
-    """Wait for queued GPU work, so a time covers the kernels and not only their launch."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def sync(device: torch.device | None = None) -> None:
+    """Wait for queued GPU work (on `device`, or the current one), so a time covers the kernels, not their launch."""
+    if (device is None or device.type == "cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
 
 
 def train_step_seconds(modules: dict[str, object], batch: dict[str, Tensor], repeats: int = 5,
@@ -52,10 +52,10 @@ def train_step_seconds(modules: dict[str, object], batch: dict[str, Tensor], rep
         times: dict[str, list[float]] = {name: [] for name in modules}
         for _ in range(repeats):
             for name, step in steps.items():
-                _sync()
+                sync()
                 start = time.perf_counter()
                 step()
-                _sync()
+                sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -76,11 +76,11 @@ def peak_step_memory_mb(modules: dict[str, object], batch: dict[str, Tensor]) ->
 def _peak_mb(step: Callable[[], object], device: torch.device) -> float | None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         step()
-        torch.cuda.synchronize(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -38,6 +38,13 @@ def conv_tail(channels: int, norm: str, convs: int = 2) -> list[nn.Module]:
     return layers
 
 
+def up_conv(upsample: str, c_in: int, c_out: int) -> nn.Module:
+    """up_in of a decoder level: the 2x upsampling conv (transposed) or the conv after nearest upsampling."""
+    if upsample == "transposed":
+        return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+    return nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+
+
 class UNetGenerator(nn.Module):
     def __init__(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], latent_dim: int,
                  width: int = 32, depth: int = 2, norm: str = "group", film: bool = True,
@@ -58,9 +65,7 @@ class UNetGenerator(nn.Module):
         if upsample not in ("transposed", "nearest"):
             raise ValueError(f"net.upsample must be transposed or nearest; got {upsample!r}")
         self.upsample = upsample
-        up_conv = (lambda b, a: nn.ConvTranspose2d(b, a, 4, stride=2, padding=1, bias=False)) if upsample == "transposed" \
-            else (lambda b, a: nn.Conv2d(b, a, 3, padding=1, bias=False))
-        self.up_in = nn.ModuleList(up_conv(b, a) for a, b in zip(channels[:-1], channels[1:]))
+        self.up_in = nn.ModuleList(up_conv(upsample, b, a) for a, b in zip(channels[:-1], channels[1:]))
         if decoder_convs not in (1, 2):
             raise ValueError(f"net.decoder_convs must be 1 or 2; got {decoder_convs!r}")
         self.up = nn.ModuleList(nn.Sequential(*conv_tail(a, norm, decoder_convs)) for a in channels[:-1])
