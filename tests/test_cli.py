@@ -105,12 +105,14 @@ def test_model_configs_compose(compose_train, model):
 @pytest.mark.parametrize("model", group_options("model"))
 @pytest.mark.parametrize("net", ["unet_small", "unet_base"])
 def test_model_for_net_specializes_cgml_only(compose_train, model, net):
-    """model_for_net/cgml_<net> gives cGML its image z-phase; other models compose untouched; the command line wins."""
+    """model_for_net/cgml_<net> gives cGML its image z-phase (U-Nets) or its table starts (MLP); other models
+    compose untouched; the command line wins."""
     cfg = compose_train("experiment=fmnist_completion", f"model={model}", f"net={net}")
     toy = compose_train("experiment=toy", f"model={model}")
     if model == "cgml":
         assert (cfg.model.z_steps, cfg.model.z_normalized, cfg.model.inference_steps) == (3, True, 1)
-        assert (toy.model.z_steps, toy.model.z_normalized) == (10, False)
+        assert (toy.model.z_steps, toy.model.z_normalized, toy.model.sample_starts) == (10, True, "table")
+        assert cfg.model.sample_starts == "sphere"
         assert compose_train("experiment=fmnist_completion", "model.z_steps=7").model.z_steps == 7
     else:
         assert "z_steps" not in cfg.model and cfg.model.keys() == compose_train("experiment=fmnist_completion",

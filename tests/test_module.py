@@ -251,6 +251,48 @@ def test_guided_sampling_moves_samples_the_right_way(fitted, toy_dm, steps):
     assert module.training == was_training
 
 
+# ---- table starts: sampling from the latents of the nearest training inputs ---------------------------------
+def table_module(toy_dm, **kwargs) -> CGMLModule:
+    torch.manual_seed(0)
+    return CGMLModule(toy_dm.info(), MLP_NET, **{**SMALL, "sample_starts": "table", **kwargs})
+
+
+def test_table_starts_draw_distinct_latents_of_the_nearest_written_rows(toy_dm):
+    module = table_module(toy_dm, table_neighbours=4)
+    n, f = module.latent_keys.shape
+    assert torch.isnan(module.latent_keys).all()                      # no row written yet
+    with torch.no_grad():                                              # rows 0..9 written, keys on a line: row j at j
+        module.latent_keys[:10] = torch.arange(10.0)[:, None] * torch.ones(f)
+    hbar = torch.tensor([[2.0], [7.4]]) * torch.ones(f)                # nearest rows {1,2,3,0|4} and {6,7,8,5|9}
+    starts = module.table_starts(hbar, 4, torch.Generator().manual_seed(0)).view(2, 4, -1)
+    rows = [[int((module.latents - z).norm(dim=1).argmin()) for z in per_input] for per_input in starts]
+    assert len(set(rows[0])) == len(set(rows[1])) == 4                # without replacement when N <= k
+    assert set(rows[0]) in ({0, 1, 2, 3}, {1, 2, 3, 4}) and set(rows[1]) in ({5, 6, 7, 8}, {6, 7, 8, 9})
+    more = module.table_starts(hbar, 9, torch.Generator().manual_seed(0)).view(2, 9, -1)   # N > k: with replacement
+    assert {int((module.latents - z).norm(dim=1).argmin()) for z in more[1]} <= {5, 6, 7, 8, 9}
+
+
+def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
+    module = table_module(toy_dm, inference_steps=0)
+    tiny_trainer(max_epochs=1, limit_train_batches=3).fit(module, datamodule=toy_dm)
+    written = ~torch.isnan(module.latent_keys).any(dim=1)
+    assert written.sum() == 3 * toy_dm.batch_size                     # exactly the rows of the 3 batches seen
+    x = toy_dm.grid(5)
+    a, b = module.sample(x, num_samples=6, seed=1), module.sample(x, num_samples=6, seed=1)
+    assert a.shape == (5, 6, 3) and torch.equal(a, b) and torch.isfinite(a).all()
+    with torch.no_grad():
+        feats = module.generator.encode(x)
+        table = module.generator.decode(tuple(f.repeat_interleave(6, 0) for f in feats),
+                                        module.table_starts(module.generator.summarize(feats), 6,
+                                                            torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(a.flatten(0, 1), table)                # steps=0: the decoded table latents
+
+
+def test_sample_starts_must_be_known(toy_dm):
+    with pytest.raises(ValueError, match="sample_starts"):
+        CGMLModule(toy_dm.info(), MLP_NET, **SMALL, sample_starts="prior")
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 def test_checkpoint_round_trip(fitted, toy_dm):
     module, _, path = fitted

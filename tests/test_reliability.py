@@ -320,12 +320,14 @@ def test_ddp_sim_saves_latents_from_every_rank(workdir, tmp_path):
     assert table.shape == initial.shape == (241, 10)
     # the rebuild is the real start: weights moved by at most ~lr per Adam step (1 step per rank here)
     assert ckpt["global_step"] == 2                                  # one batch per rank, two optimizers
-    gen = {k: v for k, v in module.state_dict().items() if "latents" not in k}
+    gen = {k: v for k, v in module.state_dict().items() if "latents" not in k and "latent_keys" not in k}
     assert max_abs_diff(gen, {k: ckpt["state_dict"][k] for k in gen}) < 2e-3
     unchanged = (table - initial).abs().amax(1) < 1e-6
     assert not unchanged.any(), (f"{int(unchanged.sum())}/{len(table)} latent rows kept their initial value: "
                                  f"rows updated on rank 1 were not saved")
     assert torch.allclose(table.norm(dim=1), torch.ones(len(table)), atol=1e-4)
+    keys = ckpt["state_dict"]["latent_keys"]                         # table starts (MLP): each row's key, every rank's
+    assert keys.shape[0] == 241 and torch.isfinite(keys).all()
     print(f"ddp_sim run took {elapsed:.1f}s")
 
 

@@ -76,7 +76,7 @@ class ConditionalModule(L.LightningModule):
         Loads with weights_only=True and never instantiates anything named in the checkpoint."""
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         own = self.state_dict()
-        keys = [k for k in own if "latents" not in k]
+        keys = [k for k in own if "latents" not in k and "latent_keys" not in k]      # per-sample tables: data-bound
         missing = [k for k in keys if k not in state]
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in keys if k in state and state[k].shape != own[k].shape]

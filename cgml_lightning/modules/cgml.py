@@ -23,7 +23,8 @@ class CGMLModule(ConditionalModule):
                  latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
                  z_normalized: bool = False,
                  start_candidates: int = 4, restart_prob: float = 1.0, inference_steps: int = 5,
-                 dynamics_target: str = "final", distance: str = "l1", distance_region: str = "auto",
+                 dynamics_target: str = "final", sample_starts: str = "sphere", table_neighbours: int = 32,
+                 distance: str = "l1", distance_region: str = "auto",
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
                  clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4,
@@ -41,6 +42,13 @@ class CGMLModule(ConditionalModule):
         # One z per training example, on the sphere. A frozen Parameter, not a buffer: DDP re-broadcasts
         # buffers from rank 0 on every forward, which would overwrite rows other ranks just wrote.
         self.latents = nn.Parameter(A.sphere_sample(n, dim=latent_dim), requires_grad=False)
+        if sample_starts not in ("sphere", "table"):
+            raise ValueError(f"model.sample_starts must be sphere or table; got {sample_starts!r}")
+        if sample_starts == "table":
+            # each row's encoder summary hbar, written with its latent: sampling looks up the input's neighbours.
+            # NaN marks rows not yet written (they sort last, and their latents are still uniform sphere points).
+            self.latent_keys = nn.Parameter(torch.full((n, self.generator.feature_dim), float("nan")),
+                                            requires_grad=False)
         self.nonfinite_streak = 0
 
     # ---- the phases (each touches only its own parameters) --------------------------------------------------
@@ -97,11 +105,14 @@ class CGMLModule(ConditionalModule):
         return loss
 
     @torch.no_grad()
-    def write_latents(self, index: Tensor, z: Tensor) -> None:
-        """Store the converged z; gathered from every rank so all ranks hold the same table."""
+    def write_latents(self, index: Tensor, z: Tensor, hbar: Tensor) -> None:
+        """Store the converged z (and, for table starts, the input's hbar as its key); gathered from every rank
+        so all ranks hold the same table."""
         if self._trainer is not None and self.trainer.world_size > 1:
-            index, z = self.all_gather(index).flatten(0, 1), self.all_gather(z).flatten(0, 1)
+            index, z, hbar = (self.all_gather(t).flatten(0, 1) for t in (index, z, hbar))
         self.latents[index] = z.to(self.latents.dtype)
+        if self.hparams.sample_starts == "table":
+            self.latent_keys[index] = hbar.detach().to(self.latent_keys.dtype)
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -109,11 +120,12 @@ class CGMLModule(ConditionalModule):
         opt_w, opt_z = self.optimizers()
         feats = self.generator.encode(x)                                                # once per batch
         path = self.z_phase(feats, y, x, index, self.step_generator())                  # [k+1, B, d]
-        dyn_loss = self.dynamics_phase_loss(self.generator.summarize(feats), path)
+        hbar = self.generator.summarize(feats)
+        dyn_loss = self.dynamics_phase_loss(hbar, path)
         w_loss = self.generator_phase_loss(feats, path[-1], y, x)
         if not self.all_finite(w_loss, dyn_loss, path[-1]):
             return self.skip_nonfinite(batch_idx)
-        self.write_latents(index, path[-1])
+        self.write_latents(index, path[-1], hbar)
         # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
         opt_w.zero_grad(set_to_none=True)
         opt_z.zero_grad(set_to_none=True)
@@ -163,7 +175,10 @@ class CGMLModule(ConditionalModule):
         b, n = len(x), num_samples
         feats = self.generator.encode(x)                                                # once per input
         hbar = self.generator.summarize(feats)
-        z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)      # row b*N + i -> input b
+        if self.hparams.sample_starts == "table":
+            z = self.table_starts(hbar, n, generator)                                   # row b*N + i -> input b
+        else:
+            z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)
         rows = torch.arange(b, device=x.device).repeat_interleave(n)
         if guide is not None:
             # steer the starting points toward the constraint through G, then let Z carry them onto a learned mode
@@ -173,6 +188,22 @@ class CGMLModule(ConditionalModule):
         out = [self.generator.decode(repeat_feats(feats, rows[c]), z[c])
                for c in torch.arange(b * n, device=x.device).split(chunk_size)]       # bounded memory for large N
         return torch.cat(out).view(b, n, *self.y_shape)
+
+    def table_starts(self, hbar: Tensor, num_samples: int, generator: torch.Generator | None = None,
+                     chunk_size: int = 256) -> Tensor:
+        """N starting latents per input [B*N, d]: the table's latents of the training samples whose keys (encoder
+        summaries) are nearest the input's, drawn without replacement among the `table_neighbours` nearest.
+
+        The table holds, per training input, a latent that decodes to its own target; inputs alike share how the
+        latent space splits into branches, so their latents land on this input's branches, each in its share."""
+        k = min(self.hparams.table_neighbours, len(self.latent_keys))
+        neighbours = torch.cat([torch.cdist(h, self.latent_keys).nan_to_num(float("inf")).topk(k, largest=False).indices
+                                for h in hbar.split(chunk_size)])                      # [B, k]
+        if num_samples <= k:                                                            # distinct neighbours
+            pick = torch.rand(len(hbar), k, generator=generator).argsort(dim=1)[:, :num_samples]
+        else:
+            pick = torch.randint(k, (len(hbar), num_samples), generator=generator)
+        return self.latents[neighbours.gather(1, pick.to(hbar.device))].flatten(0, 1).to(hbar.dtype)
 
     def walk(self, z: Tensor, hbar: Tensor, rows: Tensor, steps: int, chunk_size: int) -> Tensor:
         """`steps` moves of Z's update rule, on the small latent path only (chunked over the B*N rows)."""
