@@ -264,12 +264,12 @@ def test_table_starts_draw_distinct_latents_of_the_nearest_written_rows(toy_dm):
     with torch.no_grad():                                              # rows 0..9 written, keys on a line: row j at j
         module.latent_keys[:10] = torch.arange(10.0)[:, None] * torch.ones(f)
     hbar = torch.tensor([[2.0], [7.4]]) * torch.ones(f)                # nearest rows {1,2,3,0|4} and {6,7,8,5|9}
-    starts = module.table_starts(hbar, 4, torch.Generator().manual_seed(0)).view(2, 4, -1)
+    starts = module.table_starts(module.table_neighbours(hbar), 4, torch.Generator().manual_seed(0)).view(2, 4, -1)
     rows = [[int((module.latents - z).norm(dim=1).argmin()) for z in per_input] for per_input in starts]
     assert len(set(rows[0])) == len(set(rows[1])) == 4                # without replacement when N <= k
     assert set(rows[0]) in ({0, 1, 2, 3}, {1, 2, 3, 4}) and set(rows[1]) in ({5, 6, 7, 8}, {6, 7, 8, 9})
-    more = module.table_starts(hbar, 9, torch.Generator().manual_seed(0)).view(2, 9, -1)   # N > k: with replacement
-    assert {int((module.latents - z).norm(dim=1).argmin()) for z in more[1]} <= {5, 6, 7, 8, 9}
+    more = module.table_starts(module.table_neighbours(hbar), 9, torch.Generator().manual_seed(0)).view(2, 9, -1)
+    assert {int((module.latents - z).norm(dim=1).argmin()) for z in more[1]} <= {5, 6, 7, 8, 9}   # N > k
 
 
 def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
@@ -283,9 +283,16 @@ def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
     with torch.no_grad():
         feats = module.generator.encode(x)
         table = module.generator.decode(tuple(f.repeat_interleave(6, 0) for f in feats),
-                                        module.table_starts(module.generator.summarize(feats), 6,
-                                                            torch.Generator().manual_seed(1)))
+                                        module.table_starts(module.table_neighbours(module.generator.summarize(feats)),
+                                                            6, torch.Generator().manual_seed(1)))
     torch.testing.assert_close(a.flatten(0, 1), table)                # steps=0: the decoded table latents
+    guided = module.sample(x, num_samples=6, seed=1, guide=lambda s: -s[..., 0].sum())
+    with torch.no_grad():                                              # guided samples are decoded neighbour latents
+        neighbours = module.table_neighbours(module.generator.summarize(feats))
+        options = module.generator.decode(tuple(f.repeat_interleave(neighbours.shape[1], 0) for f in feats),
+                                          module.latents[neighbours].flatten(0, 1)).view(5, -1, 3)
+    assert torch.cdist(guided, options).amin(dim=-1).max() < 1e-5
+    assert guided[..., 0].mean() >= a[..., 0].mean()                  # and the guide's side is preferred
 
 
 def test_sample_starts_must_be_known(toy_dm):

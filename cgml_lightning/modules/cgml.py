@@ -175,35 +175,53 @@ class CGMLModule(ConditionalModule):
         b, n = len(x), num_samples
         feats = self.generator.encode(x)                                                # once per input
         hbar = self.generator.summarize(feats)
-        if self.hparams.sample_starts == "table":
-            z = self.table_starts(hbar, n, generator)                                   # row b*N + i -> input b
+        table = self.hparams.sample_starts == "table"
+        if table:
+            neighbours = self.table_neighbours(hbar)                                    # [B, k]
+            z = self.table_starts(neighbours, n, generator)                             # row b*N + i -> input b
         else:
             z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)
         rows = torch.arange(b, device=x.device).repeat_interleave(n)
         if guide is not None:
-            # steer the starting points toward the constraint through G, then let Z carry them onto a learned mode
+            # steer the starting points toward the constraint through G, then back onto a learned mode: the
+            # nearest of the neighbours' table latents (table starts), or Z's walk
             z = self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr)
+            if table:
+                z = self.snap_to_table(feats, z, neighbours)
             steps = steps if guide_settle_steps is None else guide_settle_steps
         z = self.walk(z, hbar, rows, steps, chunk_size)
         out = [self.generator.decode(repeat_feats(feats, rows[c]), z[c])
                for c in torch.arange(b * n, device=x.device).split(chunk_size)]       # bounded memory for large N
         return torch.cat(out).view(b, n, *self.y_shape)
 
-    def table_starts(self, hbar: Tensor, num_samples: int, generator: torch.Generator | None = None,
-                     chunk_size: int = 256) -> Tensor:
-        """N starting latents per input [B*N, d]: the table's latents of the training samples whose keys (encoder
-        summaries) are nearest the input's, drawn without replacement among the `table_neighbours` nearest.
-
-        The table holds, per training input, a latent that decodes to its own target; inputs alike share how the
-        latent space splits into branches, so their latents land on this input's branches, each in its share."""
+    def table_neighbours(self, hbar: Tensor, chunk_size: int = 256) -> Tensor:
+        """Rows [B, k] of the `table_neighbours` training inputs whose keys (encoder summaries) are nearest each
+        input's; rows not yet written (NaN keys) come last."""
         k = min(self.hparams.table_neighbours, len(self.latent_keys))
-        neighbours = torch.cat([torch.cdist(h, self.latent_keys).nan_to_num(float("inf")).topk(k, largest=False).indices
-                                for h in hbar.split(chunk_size)])                      # [B, k]
-        if num_samples <= k:                                                            # distinct neighbours
-            pick = torch.rand(len(hbar), k, generator=generator).argsort(dim=1)[:, :num_samples]
+        return torch.cat([torch.cdist(h, self.latent_keys.to(h.dtype)).nan_to_num(float("inf"))
+                          .topk(k, largest=False).indices for h in hbar.split(chunk_size)])
+
+    def table_starts(self, neighbours: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """N starting latents per input [B*N, d]: the table latents of N of the input's neighbours, distinct when
+        N <= k. The table holds, per training input, a latent that decodes to its own target; inputs alike share
+        how the latent space splits into branches, so their latents land on this input's branches, each in its share."""
+        b, k = neighbours.shape
+        if num_samples <= k:
+            pick = torch.rand(b, k, generator=generator).argsort(dim=1)[:, :num_samples]
         else:
-            pick = torch.randint(k, (len(hbar), num_samples), generator=generator)
-        return self.latents[neighbours.gather(1, pick.to(hbar.device))].flatten(0, 1).to(hbar.dtype)
+            pick = torch.randint(k, (b, num_samples), generator=generator)
+        return self.latents[neighbours.gather(1, pick.to(neighbours.device))].flatten(0, 1)
+
+    def snap_to_table(self, feats: tuple[Tensor, ...], z: Tensor, neighbours: Tensor) -> Tensor:
+        """Each latent [B*N, d] replaced by the one of its input's neighbours' table latents whose output is nearest
+        its own output (guided latents may leave every branch; the table's outputs lie on them)."""
+        (b, k), d = neighbours.shape, z.shape[-1]
+        candidates = self.latents[neighbours].to(z.dtype)                               # [B, k, d]
+        decode = lambda latents: self.generator.decode(                                 # noqa: E731
+            repeat_feats(feats, torch.arange(b, device=z.device).repeat_interleave(len(latents) // b)), latents)
+        out_z, out_c = decode(z).view(b, -1, *self.y_shape), decode(candidates.flatten(0, 1)).view(b, k, -1)
+        best = torch.cdist(out_z.flatten(2), out_c).argmin(dim=-1)                      # [B, N]
+        return candidates.gather(1, best[..., None].expand(-1, -1, d)).flatten(0, 1)
 
     def walk(self, z: Tensor, hbar: Tensor, rows: Tensor, steps: int, chunk_size: int) -> Tensor:
         """`steps` moves of Z's update rule, on the small latent path only (chunked over the B*N rows)."""
