@@ -293,6 +293,18 @@ def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
                                           module.latents[neighbours].flatten(0, 1)).view(5, -1, 3)
     assert torch.cdist(guided, options).amin(dim=-1).max() < 1e-5
     assert guided[..., 0].mean() >= a[..., 0].mean()                  # and the guide's side is preferred
+    z = torch.randn(5 * 6, module.latent_dim)
+    torch.testing.assert_close(module.snap_to_table(feats, z, neighbours, chunk_size=1),   # one input per chunk
+                               module.snap_to_table(feats, z, neighbours))
+
+
+def test_table_starts_on_images(toy_dm, digits_dm):
+    module, batch = make_module("unet", toy_dm, digits_dm, sample_starts="table", inference_steps=1)
+    tiny_trainer(max_epochs=1, limit_train_batches=1).fit(module, datamodule=digits_dm)
+    x = batch["x"][:3]
+    free = module.sample(x, num_samples=4, seed=0)
+    guided = module.sample(x, num_samples=4, seed=0, guide=lambda s: (s - 1).abs().sum())
+    assert free.shape == guided.shape == (3, 4, *batch["y"].shape[1:]) and torch.isfinite(guided).all()
 
 
 def test_sample_starts_must_be_known(toy_dm):

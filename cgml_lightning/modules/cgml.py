@@ -212,16 +212,20 @@ class CGMLModule(ConditionalModule):
             pick = torch.randint(k, (b, num_samples), generator=generator)
         return self.latents[neighbours.gather(1, pick.to(neighbours.device))].flatten(0, 1)
 
-    def snap_to_table(self, feats: tuple[Tensor, ...], z: Tensor, neighbours: Tensor) -> Tensor:
+    def snap_to_table(self, feats: tuple[Tensor, ...], z: Tensor, neighbours: Tensor, chunk_size: int = 8192) -> Tensor:
         """Each latent [B*N, d] replaced by the one of its input's neighbours' table latents whose output is nearest
         its own output (guided latents may leave every branch; the table's outputs lie on them)."""
         (b, k), d = neighbours.shape, z.shape[-1]
-        candidates = self.latents[neighbours].to(z.dtype)                               # [B, k, d]
-        decode = lambda latents: self.generator.decode(                                 # noqa: E731
-            repeat_feats(feats, torch.arange(b, device=z.device).repeat_interleave(len(latents) // b)), latents)
-        out_z, out_c = decode(z).view(b, -1, *self.y_shape), decode(candidates.flatten(0, 1)).view(b, k, -1)
-        best = torch.cdist(out_z.flatten(2), out_c).argmin(dim=-1)                      # [B, N]
-        return candidates.gather(1, best[..., None].expand(-1, -1, d)).flatten(0, 1)
+        z = z.view(b, -1, d)                                                            # [B, N, d]
+        n, out = z.shape[1], []
+        for inputs in torch.arange(b, device=z.device).split(max(1, chunk_size // (n + k))):   # bounded memory
+            candidates = self.latents[neighbours[inputs]].to(z.dtype)                   # [b', k, d]
+            both = torch.cat([z[inputs], candidates], dim=1)                            # [b', N + k, d]
+            decoded = self.generator.decode(repeat_feats(feats, inputs.repeat_interleave(n + k)), both.flatten(0, 1))
+            decoded = decoded.reshape(len(inputs), n + k, -1)                           # [b', N + k, D]
+            best = torch.cdist(decoded[:, :n], decoded[:, n:]).argmin(dim=-1)           # [b', N]
+            out.append(candidates.gather(1, best[..., None].expand(-1, -1, d)))
+        return torch.cat(out).flatten(0, 1)
 
     def walk(self, z: Tensor, hbar: Tensor, rows: Tensor, steps: int, chunk_size: int) -> Tensor:
         """`steps` moves of Z's update rule, on the small latent path only (chunked over the B*N rows)."""
