@@ -241,8 +241,9 @@ class CGMLModule(ConditionalModule):
         """Steer z by normalized gradient steps (length lr, decaying) on a differentiable penalty
         guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter.
 
-        _sample guides the fresh sphere points, before any Z-step, then walks them with Z (guide_settle_steps,
-        default the inference steps). Guiding after the Z-steps instead starts every latent at a mode, where the
+        _sample guides the starting points (fresh sphere points, or the drawn table latents, which snap_to_table
+        then puts back onto a branch), before any Z-step, then walks them with Z (guide_settle_steps, default the
+        inference steps). Guiding after the Z-steps instead starts every latent at a mode, where the
         decoder is flat in z: on the toy (relu(-y[0]) guide) only 0.85 of the samples then reached y[0] > 0,
         against 0.99 from the raw starts, with 0.96 within 10% of the + mode (= the unguided near-mode share)."""
         feats = repeat_feats(feats, rows)
