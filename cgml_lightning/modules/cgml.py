@@ -105,14 +105,15 @@ class CGMLModule(ConditionalModule):
         return loss
 
     @torch.no_grad()
-    def write_latents(self, index: Tensor, z: Tensor, hbar: Tensor) -> None:
-        """Store the converged z (and, for table starts, the input's hbar as its key); gathered from every rank
+    def write_latents(self, index: Tensor, z: Tensor, keys: Tensor | None = None) -> None:
+        """Store the converged z (and, for table starts, the inputs' hbar as their keys); gathered from every rank
         so all ranks hold the same table."""
         if self._trainer is not None and self.trainer.world_size > 1:
-            index, z, hbar = (self.all_gather(t).flatten(0, 1) for t in (index, z, hbar))
+            index, z = self.all_gather(index).flatten(0, 1), self.all_gather(z).flatten(0, 1)
+            keys = None if keys is None else self.all_gather(keys).flatten(0, 1)
         self.latents[index] = z.to(self.latents.dtype)
-        if self.hparams.sample_starts == "table":
-            self.latent_keys[index] = hbar.detach().to(self.latent_keys.dtype)
+        if keys is not None:
+            self.latent_keys[index] = keys.detach().to(self.latent_keys.dtype)
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -125,7 +126,7 @@ class CGMLModule(ConditionalModule):
         w_loss = self.generator_phase_loss(feats, path[-1], y, x)
         if not self.all_finite(w_loss, dyn_loss, path[-1]):
             return self.skip_nonfinite(batch_idx)
-        self.write_latents(index, path[-1], hbar)
+        self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
         # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
         opt_w.zero_grad(set_to_none=True)
         opt_z.zero_grad(set_to_none=True)
@@ -197,9 +198,9 @@ class CGMLModule(ConditionalModule):
     def table_neighbours(self, hbar: Tensor, chunk_size: int = 256) -> Tensor:
         """Rows [B, k] of the `table_neighbours` training inputs whose keys (encoder summaries) are nearest each
         input's; rows not yet written (NaN keys) come last."""
-        k = min(self.hparams.table_neighbours, len(self.latent_keys))
-        return torch.cat([torch.cdist(h, self.latent_keys.to(h.dtype)).nan_to_num(float("inf"))
-                          .topk(k, largest=False).indices for h in hbar.split(chunk_size)])
+        k, keys = min(self.hparams.table_neighbours, len(self.latent_keys)), self.latent_keys.to(hbar.dtype)
+        return torch.cat([torch.cdist(h, keys).nan_to_num(float("inf")).topk(k, largest=False).indices
+                          for h in hbar.split(chunk_size)])
 
     def table_starts(self, neighbours: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """N starting latents per input [B*N, d]: the table latents of N of the input's neighbours, distinct when
