@@ -107,3 +107,31 @@ def lipschitz_penalty(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], sig
     out = fn(*inputs)
     noisy = fn(*(u + sigma * torch.randn_like(u) for u in inputs))
     return ((noisy - out).flatten(1).pow(2).sum(dim=1) / sigma**2).mean()
+
+
+def medoids(distances: Tensor, k: int, refine_steps: int = 10) -> Tensor:
+    """k-medoids: per input, which k of its P samples to keep, from their pairwise distances [B, P, P]: Tensor[B, k].
+
+    Minimises the summed distance from every sample to its nearest kept one (greedy additions, then alternating
+    refinement), so the k kept samples cover where the P samples lie instead of k independent draws repeating the
+    most likely outputs. Model-agnostic: applies to any module's samples.
+    """
+    b, p, _ = distances.shape
+    rows = torch.arange(b, device=distances.device)
+    nearest = torch.full((b, p), float("inf"), device=distances.device, dtype=distances.dtype)
+    picked = []
+    for _ in range(k):
+        total = torch.minimum(nearest[:, :, None], distances).sum(dim=1)   # [B, P]: the objective with each added
+        for done in picked:
+            total[rows, done] = float("inf")                                   # k distinct samples, even among equals
+        choice = total.argmin(dim=1)
+        picked.append(choice)
+        nearest = torch.minimum(nearest, distances[rows, choice])
+    keep = torch.stack(picked, dim=1)                                          # [B, k]
+    for _ in range(refine_steps):
+        to_kept = distances.gather(1, keep[:, :, None].expand(b, k, p))       # [B, k, P]
+        members = F.one_hot(to_kept.argmin(dim=1), k).to(distances)           # [B, P, k]: each sample's cluster
+        cost = distances @ members                                             # [B, P, k]: summed distance to a cluster
+        cost = cost.masked_fill(members == 0, float("inf"))                    # a medoid is one of its cluster
+        keep = torch.where(members.sum(dim=1) > 0, cost.argmin(dim=1), keep)  # an empty cluster keeps its medoid
+    return keep

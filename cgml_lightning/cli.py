@@ -152,7 +152,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
     module, dm = load_for_inference(cfg)
     nets = build_eval_nets(dm, **plain(cfg.feature_net)) if cfg.get("feature_net") else None
-    metrics = evaluate_module(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed, nets)
+    metrics = evaluate_module(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed, nets, cfg.get("sample_pool"))
     write_json(output_dir() / "metrics.json", metrics)
     return metrics
 
@@ -205,7 +205,8 @@ def run_sample(cfg: DictConfig) -> Path:
         guided = hint_kwargs(cfg, module, inputs.x)
         kwargs["guide"] = guided.pop("guide")
         payload.update(guided)
-    samples = module.sample(inputs.x, cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed), **kwargs)
+    samples = module.sample(inputs.x, cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed),
+                            pool=cfg.get("sample_pool"), **kwargs)
     payload["samples"] = samples.cpu()
     if inputs.given is not None:
         payload["y"] = inputs.given

@@ -11,20 +11,22 @@ from cgml_lightning.metrics import fid_metric, image_metrics, mode_metrics, vect
 
 @torch.no_grad()
 def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, seed: int = 0,
-             nets: EvalNets | None = None) -> dict[str, float | str | None]:
+             nets: EvalNets | None = None, sample_pool: int | None = None) -> dict[str, float | str | None]:
     """Images: best-of-N / mean PSNR, best-of-N SSIM, diversity (+ on the hole for completion), and `fid` (None
     without a feature net in `nets`). With the dataset classifier in `nets` and labelled data, also
     sample_class_acc: the share of samples the classifier puts in their input's true class (a completed shirt
     stays a shirt), and classifier_test_acc, its accuracy on the real test images (the ceiling).
     FID compares the num_inputs real test images with their num_inputs x N samples.
     Vector data with known modes (the toy): mode_near_fraction, mode_coverage on a grid of num_inputs x N samples.
-    Other vector data: best-of-N and mean L2 error, diversity."""
+    Other vector data: best-of-N and mean L2 error, diversity.
+    sample_pool: the N samples are the medoids of this many per input (ConditionalModule.sample's pool)."""
     datamodule.setup("test")
     generator = torch.Generator().manual_seed(seed)
     if hasattr(datamodule, "modes"):
         x = datamodule.grid(num_inputs)
-        samples = module.sample(x, num_samples, generator=generator).cpu()
-        return {**mode_metrics(samples, datamodule.modes(x)), "num_inputs": len(x), "num_samples": num_samples}
+        samples = module.sample(x, num_samples, generator=generator, pool=sample_pool).cpu()
+        return {**mode_metrics(samples, datamodule.modes(x)), "num_inputs": len(x), "num_samples": num_samples,
+                "sample_pool": sample_pool}
     image = datamodule.kind == "image"
     nets = nets or EvalNets()
     fid = fid_metric(nets.fid_features).to(module.device) if image and nets.fid_features is not None else None
@@ -34,7 +36,7 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     labelled = False
     for batch in datamodule.test_dataloader():
         x, y = batch["x"][: num_inputs - seen], batch["y"][: num_inputs - seen]
-        samples = module.sample(x, num_samples, generator=generator)                  # [B, N, ...] on the device
+        samples = module.sample(x, num_samples, generator=generator, pool=sample_pool)   # [B, N, ...] on the device
         flat = samples.flatten(0, 1)
         if fid is not None:
             fid.update(y.to(flat.device), real=True)
@@ -63,4 +65,4 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         if classifier is not None and labelled:
             metrics["sample_class_acc"] = correct / (seen * num_samples)
             metrics["classifier_test_acc"] = nets.classifier_test_acc
-    return {**metrics, "num_inputs": seen, "num_samples": num_samples}
+    return {**metrics, "num_inputs": seen, "num_samples": num_samples, "sample_pool": sample_pool}

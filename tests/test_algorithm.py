@@ -331,3 +331,46 @@ def test_lipschitz_penalty_several_inputs_and_gradients():
     assert pen.item() == pytest.approx(lin.weight.pow(2).sum().item(), rel=0.1)
     pen.backward()                                                   # differentiable w.r.t. the weights
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+# ---- medoids: which k of P samples to keep ------------------------------------------------------------------
+def clustered(sizes: list[int], spread: float = 0.01, gap: float = 10.0, seed: int = 0) -> tuple[torch.Tensor, list]:
+    """Points in tight clusters of the given sizes, far apart: (points [P, 2], the cluster of each point)."""
+    g = torch.Generator().manual_seed(seed)
+    points, labels = [], []
+    for c, size in enumerate(sizes):
+        points.append(torch.tensor([gap * c, -gap * c]) + spread * torch.randn(size, 2, generator=g))
+        labels += [c] * size
+    return torch.cat(points), labels
+
+
+def test_medoids_one_per_cluster_however_unequal():
+    points, labels = clustered([40, 5, 2])           # independent draws of 3 would mostly repeat the big cluster
+    keep = A.medoids(torch.cdist(points, points)[None].square(), 3)
+    assert keep.shape == (1, 3)
+    assert sorted(labels[i] for i in keep[0].tolist()) == [0, 1, 2]
+
+
+def test_medoids_are_central_and_batched():
+    """Per input of a batch: a line of 5 points keeps its middle one; clusters keep their own central point."""
+    line = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    points, _ = clustered([3, 2])
+    d = torch.stack([torch.cdist(line, line).square(), torch.cdist(points, points).square()])
+    keep = A.medoids(d, 1)
+    assert keep[0].tolist() == [2]
+    assert keep.shape == (2, 1)
+    assert keep[1].item() in (0, 1, 2)                # the bigger cluster
+
+
+def test_medoids_distinct_even_for_identical_samples():
+    keep = A.medoids(torch.zeros(2, 6, 6), 4)        # a deterministic model: six equal samples
+    assert all(len(set(row)) == 4 for row in keep.tolist())
+
+
+def test_medoids_cover_better_than_the_first_k():
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(8, 60, 3, generator=g)
+    d = torch.cdist(points, points).square()
+    coverage = lambda keep: d.gather(1, keep[:, :, None].expand(8, 5, 60)).amin(1).sum(1)  # noqa: E731
+    first = torch.arange(5).expand(8, 5)
+    assert (coverage(A.medoids(d, 5)) < coverage(first)).all()

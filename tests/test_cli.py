@@ -345,11 +345,11 @@ def test_train_bad_npz_fails_fast(workdir):
 
 def test_eval_from_checkpoint(toy_run, workdir):
     out = workdir / "eval_run"
-    run_cli("cgml-eval", f"ckpt_path={toy_run / 'checkpoints' / 'last.ckpt'}", "num_samples=3",
+    run_cli("cgml-eval", f"ckpt_path={toy_run / 'checkpoints' / 'last.ckpt'}", "num_samples=3", "sample_pool=6",
             f"hydra.run.dir={out}", cwd=workdir)
     metrics = read_metrics(out)
     assert TOY_KEYS <= set(metrics)
-    assert metrics["num_samples"] == 3
+    assert metrics["num_samples"] == 3 and metrics["sample_pool"] == 6
 
 
 def test_sample_from_checkpoint(digits_run, workdir):

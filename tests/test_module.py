@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cgml_lightning import CGMLModule, RegressorModule
+from cgml_lightning import algorithm as A
 from cgml_lightning.metrics import pairwise_l1_diversity
 
 MLP_NET = {"name": "mlp", "width": 32, "depth": 2}
@@ -230,6 +231,33 @@ def test_regressor_samples_identical_and_unguidable(toy_dm):
     assert not out.requires_grad
     with pytest.raises(ValueError, match="guid"):
         module.sample(x, num_samples=2, guide=lambda s: s.mean())
+
+
+def test_sample_pool_keeps_medoids_of_the_drawn_samples(fitted, toy_dm):
+    """pool=P: the N samples returned are N distinct ones of the P drawn with the same seed, chosen by medoids."""
+    module, _, _ = fitted
+    x = toy_dm.grid(5)
+    drawn = module.sample(x, num_samples=12, seed=2)
+    kept = module.sample(x, num_samples=4, seed=2, pool=12)
+    assert kept.shape == (5, 4, 3)
+    for b in range(5):
+        rows = [int((drawn[b] - s).abs().sum(-1).argmin()) for s in kept[b]]
+        assert torch.equal(drawn[b, rows], kept[b]) and len(set(rows)) == 4
+        d = torch.cdist(drawn[b], drawn[b]).square()
+        assert sorted(rows) == sorted(A.medoids(d[None], 4)[0].tolist())
+    assert torch.equal(module.sample(x, num_samples=4, seed=2, pool=4), module.sample(x, num_samples=4, seed=2))
+    with pytest.raises(ValueError, match="sample_pool=3 must be at least num_samples=4"):
+        module.sample(x, num_samples=4, pool=3)
+
+
+def test_sample_pool_on_completion_keeps_visible_pixels(digits_dm):
+    torch.manual_seed(0)
+    module = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
+    x = next(iter(digits_dm.test_dataloader()))["x"][:3]
+    kept = module.sample(x, num_samples=3, seed=0, pool=9)
+    assert kept.shape == (3, 3, 1, 8, 8)
+    visible = (x[:, -1:] == 0).expand_as(kept[:, 0])
+    assert all(torch.equal(kept[:, i][visible], x[:, :-1][visible]) for i in range(3))
 
 
 @pytest.mark.parametrize("steps", [0, None])

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cgml_lightning.algorithm import distance
+from cgml_lightning.algorithm import distance, medoids
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.metrics import pairwise_l1_diversity
 from cgml_lightning.nets import build_generator
@@ -120,8 +120,14 @@ class ConditionalModule(L.LightningModule):
     # ---- sampling -----------------------------------------------------------------------------------------
     def sample(self, x: Tensor, num_samples: int = 10, steps: int | None = None,
                guide: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator | None = None,
-               seed: int | None = None, **kwargs) -> Tensor:
-        """num_samples outputs per input: Tensor[B, N, *y_shape], in eval mode, without gradients."""
+               seed: int | None = None, pool: int | None = None, **kwargs) -> Tensor:
+        """num_samples outputs per input: Tensor[B, N, *y_shape], in eval mode, without gradients.
+
+        pool: draw this many per input and keep the num_samples medoids of them (squared L2 between outputs;
+        algorithm.medoids): a set that covers the sample distribution rather than independent draws."""
+        drawn = num_samples if pool is None else pool
+        if drawn < num_samples:
+            raise ValueError(f"sample_pool={pool} must be at least num_samples={num_samples}")
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         was_training = self.training
@@ -129,8 +135,13 @@ class ConditionalModule(L.LightningModule):
         try:
             x = x.to(self.device)
             with torch.no_grad():
-                out = self._sample(x, num_samples, steps, guide, generator, **kwargs)
-            return self.composite(out.flatten(0, 1), x.repeat_interleave(num_samples, 0)).view(out.shape)
+                out = self._sample(x, drawn, steps, guide, generator, **kwargs)
+                out = self.composite(out.flatten(0, 1), x.repeat_interleave(drawn, 0)).view(out.shape)
+                if drawn > num_samples:
+                    flat = out.flatten(2).float()
+                    keep = medoids(torch.cdist(flat, flat).square(), num_samples)
+                    out = out[torch.arange(len(x), device=out.device)[:, None], keep]
+            return out
         finally:
             self.train(was_training)
 
