@@ -26,7 +26,7 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         x = datamodule.grid(num_inputs)
         samples = module.sample(x, num_samples, generator=generator, pool=sample_pool).cpu()
         return {**mode_metrics(samples, datamodule.modes(x)), "num_inputs": len(x), "num_samples": num_samples,
-                "sample_pool": sample_pool}
+                **pool_key(sample_pool)}
     image = datamodule.kind == "image"
     nets = nets or EvalNets()
     fid = fid_metric(nets.fid_features).to(module.device) if image and nets.fid_features is not None else None
@@ -65,4 +65,9 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         if classifier is not None and labelled:
             metrics["sample_class_acc"] = correct / (seen * num_samples)
             metrics["classifier_test_acc"] = nets.classifier_test_acc
-    return {**metrics, "num_inputs": seen, "num_samples": num_samples, "sample_pool": sample_pool}
+    return {**metrics, "num_inputs": seen, "num_samples": num_samples, **pool_key(sample_pool)}
+
+
+def pool_key(sample_pool: int | None) -> dict[str, int]:
+    """metrics.json records the pool only when one was used (its values stay numbers)."""
+    return {} if sample_pool is None else {"sample_pool": sample_pool}

@@ -317,7 +317,7 @@ class LookupModule:
     def hole(self, x):
         return x[:, -1:]
 
-    def sample(self, x, num_samples, generator=None):
+    def sample(self, x, num_samples, generator=None, pool=None):
         rows = torch.cdist(x.flatten(1), self.test.x.flatten(1)).argmin(1)
         y = torch.zeros_like(self.test.y[rows]) if self.blank else 0.98 * self.test.y[rows]
         return y[:, None].expand(-1, num_samples, *y.shape[1:])
