@@ -113,10 +113,14 @@ def test_model_for_net_specializes_cgml_only(compose_train, model, net):
         assert (cfg.model.z_steps, cfg.model.z_normalized, cfg.model.inference_steps) == (3, True, 1)
         assert (toy.model.z_steps, toy.model.z_normalized, toy.model.sample_starts) == (10, True, "table")
         assert cfg.model.sample_starts == "sphere"
+        assert (cfg.model.start_candidates, cfg.model.optimizer.lr, toy.model.start_candidates) == (2, 0.002, 4)
+        assert cfg.model.optimizer._target_ == "torch.optim.Adam" and toy.model.optimizer.lr == 0.001
         assert compose_train("experiment=fmnist_completion", "model.z_steps=7").model.z_steps == 7
+        assert compose_train("experiment=fmnist_completion", "model.optimizer.lr=0.01").model.optimizer.lr == 0.01
     else:
-        assert "z_steps" not in cfg.model and cfg.model.keys() == compose_train("experiment=fmnist_completion",
-                                                                               f"model={model}", "net=mlp").model.keys()
+        mlp = compose_train("experiment=fmnist_completion", f"model={model}", "net=mlp").model
+        assert "z_steps" not in cfg.model and cfg.model.keys() == mlp.keys()
+        assert cfg.model.optimizer == mlp.optimizer                           # the regressor keeps lr 0.001
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "fsdp"])
