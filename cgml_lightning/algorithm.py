@@ -119,12 +119,12 @@ def medoids(distances: Tensor, k: int, refine_steps: int = 10) -> Tensor:
     b, p, _ = distances.shape
     rows = torch.arange(b, device=distances.device)
     nearest = torch.full((b, p), float("inf"), device=distances.device, dtype=distances.dtype)
+    taken = torch.zeros(b, p, dtype=torch.bool, device=distances.device)
     picked = []
     for _ in range(k):
         total = torch.minimum(nearest[:, :, None], distances).sum(dim=1)   # [B, P]: the objective with each added
-        for done in picked:
-            total[rows, done] = float("inf")                                   # k distinct samples, even among equals
-        choice = total.argmin(dim=1)
+        choice = total.masked_fill(taken, float("inf")).argmin(dim=1)        # k distinct samples, even among equals
+        taken[rows, choice] = True
         picked.append(choice)
         nearest = torch.minimum(nearest, distances[rows, choice])
     keep = torch.stack(picked, dim=1)                                          # [B, k]
