@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from cgml_lightning.classifier import build_eval_nets
-from cgml_lightning.cli import CONFIG_PATH, build_datamodule, build_module, output_dir, plain, write_json
+from cgml_lightning.cli import CONFIG_PATH, build_datamodule, build_module, output_dir, plain
+from cgml_lightning.files import atomic_path, write_json, write_text
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.metrics import psnr
@@ -189,7 +190,8 @@ def plot_curves(models: dict[str, dict], path: Path, num_samples: int) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -327,10 +329,10 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
               "timing_batches": prof.timing_batches, "phase_repeats": prof.phase_repeats}
     write_json(out / "bench.json", report)
     plot_curves(results, out / "convergence.png", prof.curve_num_samples)
-    (out / "bench.md").write_text(markdown(report, None))
+    write_text(out / "bench.md", markdown(report, None))
     if "cgml" in models:                                        # written last: bench.json/md exist if it fails
         phases = cgml_phases(models["cgml"], timing_batches[0], prof.phase_repeats)
-        (out / "bench.md").write_text(markdown(report, phases))
+        write_text(out / "bench.md", markdown(report, phases))
     log.info("wrote %s", out / "bench.md")
     return report
 

@@ -1,12 +1,17 @@
 """Callbacks: sample pictures written each validation epoch, into the run dir and to loggers that take images."""
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from cgml_lightning.plots import save_samples_png
+
+__all__ = ["SampleGrid", "PreemptionCheckpoint"]
 
 
 class SampleGrid(L.Callback):
@@ -30,50 +35,76 @@ class SampleGrid(L.Callback):
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM or SIGUSR1, save DIRPATH/last.ckpt at the next step boundary (never between the z- and
-    w-phases: both run inside one training_step) and stop; `ckpt_path=DIRPATH/last.ckpt` resumes.
+    """Save DIRPATH/last.ckpt at the next training-step boundary and stop, on a cluster's warning signals
+    (SIGUSR1; SIGUSR2, which submitit sends before a time limit; SIGTERM) and on Ctrl-C (SIGINT).
 
-    SIGTERM: Lightning notes it, finishes the step and raises SIGTERMException, which reaches on_exception.
-    SIGUSR1: under SLURM with auto-requeue Lightning saves and requeues by itself; elsewhere this callback
-    catches it and stops after the step.
+    Every rank decides together (one max-reduction of the request flag per step), so a signal that reaches one
+    rank of a DDP job saves and stops them all at the same step. After the save, SIGUSR1 and SIGUSR2 go on to
+    the handler that was there before (e.g. submitit's, which re-queues the job); a second Ctrl-C interrupts at
+    once. The handlers are set when training starts (after Lightning's own) and the earlier ones come back
+    when the run ends. `ckpt_path=last` resumes.
     """
+
+    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt"):
         self.path = Path(dirpath) / filename
-        self.requested = False
-        self.preempted = False          # read by cgml-train: a preempted run exits non-zero, without metrics
+        self.received: int | None = None            # the signal number this process got, until the save
+        self.preempted: int | None = None           # the signal the run stopped on; cgml-train exits 128 + it
+        self._previous: dict[int, object] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        import signal
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.received = self.preempted = None
+        if threading.current_thread() is not threading.main_thread():
+            return                                   # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._request)
 
-        from lightning.fabric.plugins.environments import SLURMEnvironment
+    def _request(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received is not None:            # Ctrl-C twice: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            print("\n[cgml] Ctrl-C: saving at the end of this training step (press again to abort)", flush=True)
+        self.received = signum
 
-        env = trainer._accelerator_connector.cluster_environment
-        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue) and hasattr(signal, "SIGUSR1"):
-            previous = signal.getsignal(signal.SIGUSR1)
-
-            def request(signum, frame):
-                self.requested = True
-                if callable(previous):
-                    previous(signum, frame)
-
-            signal.signal(signal.SIGUSR1, request)
-
-    def _save_and_report(self, trainer: L.Trainer, why: str) -> None:
-        trainer.save_checkpoint(self.path)
-        if trainer.is_global_zero:
-            print(f"[cgml] {why}: saved {self.path} at step {trainer.global_step}; resume with ckpt_path={self.path}",
-                  flush=True)
+    def restore_handlers(self) -> None:
+        """Put back the earlier handlers where ours is still installed (Lightning's teardown may have already)."""
+        for signum, handler in self._previous.items():
+            if signal.getsignal(signum) == self._request:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
-        if self.requested:
-            self.requested = False
-            self._save_and_report(trainer, "SIGUSR1")
-            self.preempted = True
-            trainer.should_stop = True
+        got = torch.tensor(float(self.received or 0), device=module.device)
+        if trainer.world_size > 1:
+            got = trainer.strategy.reduce(got, reduce_op="max")
+        signum = int(got.item())
+        if not signum or self.preempted:
+            return
+        trainer.save_checkpoint(self.path)
+        self.preempted, self.received = signum, None
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            print(f"[cgml] {signal.Signals(signum).name}: saved {self.path} at step {trainer.global_step}; "
+                  f"resume with ckpt_path=last (or ckpt_path={self.path})", flush=True)
+        previous = self._previous.get(signum)
+        self.restore_handlers()
+        if callable(previous) and signum not in (signal.SIGINT, signal.SIGTERM):   # submitit re-queues on SIGUSR2
+            previous(signum, None)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException):
-            self._save_and_report(trainer, "SIGTERM")
+        if isinstance(exception, SIGTERMException) and not self.preempted:   # SIGTERM outside a training step
+            trainer.save_checkpoint(self.path)
+            self.preempted = signal.SIGTERM
+            if trainer.is_global_zero:
+                print(f"[cgml] SIGTERM: saved {self.path} at step {trainer.global_step}; resume with ckpt_path=last",
+                      flush=True)
+        self.restore_handlers()
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self.restore_handlers()

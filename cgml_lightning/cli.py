@@ -1,7 +1,6 @@
 """Console scripts cgml-train, cgml-eval, cgml-sample: Hydra apps over the configs shipped in cgml_lightning.conf."""
 from __future__ import annotations
 
-import json
 import logging
 import signal
 from pathlib import Path
@@ -15,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from cgml_lightning.evaluation import evaluate as evaluate_module
-from cgml_lightning.instantiate import check_targets, instantiate
+from cgml_lightning.files import atomic_path, newest_checkpoint, read_checkpoint, save_image, write_json
+from cgml_lightning.instantiate import check_targets, datamodule_from_record, instantiate
 from cgml_lightning.modules import ConditionalModule
-from cgml_lightning.plots import image_grid, save_samples_png
+from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
                                         input_channels, load_hint, load_images, load_mask, task_degradation)
 
@@ -31,11 +31,6 @@ def plain(cfg: Any) -> Any:
 
 def output_dir() -> Path:
     return Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %s", path)
 
 
 def build_datamodule(cfg: DictConfig):
@@ -57,8 +52,9 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     freeze = list((cfg.get("finetune") or {}).get("freeze") or [])
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, module, cfg)
+    ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
+    if ckpt_path:
+        check_resume(ckpt_path, module, cfg)
     elif cfg.get("init_from"):
         module.init_weights_from(cfg.init_from)
         log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
@@ -68,13 +64,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException as err:                          # checkpoint saved by PreemptionCheckpoint
             raise SystemExit(128 + signal.SIGTERM) from err
-        if any(getattr(c, "preempted", False) for c in callbacks):
-            raise SystemExit(128 + signal.SIGUSR1)               # stopped on request: not a finished run
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training interrupted")
+        stopped_on = next((c.preempted for c in callbacks if getattr(c, "preempted", None)), None)
+        if stopped_on:
+            raise SystemExit(128 + int(stopped_on))              # saved and stopped on a signal: not a finished run
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")          # full state: resumable
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
@@ -91,12 +86,23 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                 wandb.finish()
 
 
+def resume_path(ckpt_path: str | None, folder: Path) -> str | None:
+    """ckpt_path as given, or for ckpt_path=last the newest checkpoint in the run's checkpoint folder (None when
+    there is none yet: a re-queued job that never saved starts from scratch)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    newest = newest_checkpoint(folder)
+    if newest is None:
+        log.info("ckpt_path=last: no checkpoint in %s yet; training from scratch", folder)
+        return None
+    log.info("ckpt_path=last: resuming from %s", newest)
+    return str(newest)
+
+
 def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = None) -> None:
     """Resuming continues the same run: refuse a checkpoint made on other data, with another latent table, or
     with another schedule length (Lightning would restore the old scheduler state over the new one)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint: {Path(path).resolve()}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     saved = checkpoint.get("hyper_parameters", {})
     old, new = saved.get("data_info", {}), module.data_info
     for key in ("num_train_samples", "fingerprint", "x_shape", "y_shape"):
@@ -115,10 +121,8 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
 
 
 def load_checkpoint(ckpt_path: str) -> ConditionalModule:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint: {path.resolve()}")
-    return load_module(path)
+    """The module a checkpoint holds, of the class it records (never a `_target_`), loaded with weights_only."""
+    return ConditionalModule.load_from_checkpoint(ckpt_path, map_location="cpu")
 
 
 def load_for_inference(cfg: DictConfig):
@@ -128,23 +132,17 @@ def load_for_inference(cfg: DictConfig):
 
 
 def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
-    data_cfg = cfg.get("data") or module.data_info.get("data")
-    if not data_cfg:
+    """data=... from the command line (through the registry), else the checkpoint's recorded data config, rebuilt
+    by datamodule name (a stored `_target_` is never instantiated)."""
+    if cfg.get("data"):
+        dm = instantiate(cfg.data)
+    elif module.data_info.get("data"):
+        dm = datamodule_from_record(module.data_info["data"], f"{cfg.ckpt_path}")
+    else:
         raise ValueError(f"{cfg.ckpt_path}: the checkpoint records no data config; pass data=... on the command line")
-    dm = instantiate(data_cfg)
     dm.prepare_data()
     dm.setup("test")
     return dm
-
-
-def load_module(path: Path) -> ConditionalModule:
-    """Pick the module class from the name the checkpoint records (never a `_target_`), then load (weights_only)."""
-    from cgml_lightning.modules import MODULES
-
-    name = torch.load(path, map_location="cpu", weights_only=True).get("cgml_module")
-    if name not in MODULES:
-        raise ValueError(f"{path}: not a cgml-lightning checkpoint (module {name!r}; known: {sorted(MODULES)})")
-    return MODULES[name].load_from_checkpoint(path, map_location="cpu")
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
@@ -167,7 +165,7 @@ def sample_inputs(cfg: DictConfig, module: ConditionalModule) -> tuple[UserInput
         mask = load_mask(cfg.mask, (height, width), cfg.crop) if cfg.get("mask") else None
     if not cfg.get("input"):
         dm = checkpoint_datamodule(cfg, module)
-        batch = next(iter(dm.test_dataloader()))
+        batch = first_test_batch(dm)
         x, y = batch["x"][: cfg.num_inputs], batch["y"][: cfg.num_inputs]
         if not cfg.get("mask"):
             return UserInputs(x, y, []), dm
@@ -210,11 +208,12 @@ def run_sample(cfg: DictConfig) -> Path:
     payload["samples"] = samples.cpu()
     if inputs.given is not None:
         payload["y"] = inputs.given
-    torch.save(payload, out / "samples.pt")
+    with atomic_path(out / "samples.pt") as tmp:
+        torch.save(payload, tmp)
     log.info("wrote %s", out / "samples.pt")
     path = out / "samples.png"
     if module.data_info.get("kind") == "image":
-        image_grid(inputs.x, payload["samples"], inputs.given).save(path)
+        save_image(image_grid(inputs.x, payload["samples"], inputs.given), path)
         log.info("wrote %s", path)
         return path
     return save_samples_png(module, dm, path, cfg.num_inputs, cfg.num_samples, cfg.seed)   # vector data: a plot

@@ -52,6 +52,9 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         seen += len(x)
         if seen >= num_inputs:
             break
+    if seen == 0:
+        raise ValueError(f"{type(datamodule).__name__}: the test split is empty, so there is nothing to evaluate "
+                         f"(raise data.test_fraction or add data)")
     metrics: dict[str, float | str | None] = {key: value / seen for key, value in totals.items()}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:

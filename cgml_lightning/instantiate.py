@@ -1,13 +1,62 @@
-"""Hydra instantiation limited to an allowlist of `_target_` prefixes, checked before anything runs."""
+"""Hydra instantiation from an explicit registry of exact names, checked before anything is imported.
+
+A config or a checkpoint is data: its `_target_` may only name one of the classes listed here (the package's
+datamodules, modules and callbacks, and the optimizers, schedulers, loggers, callbacks and profilers that
+configs use). A name prefix is no allowlist: `torch.load`, `torch.hub.load` and
+`torch.utils.cpp_extension.load_inline` all live under `torch.`. Code that builds its own objects in Python
+can add names with `register`.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-ALLOWED_TARGET_PREFIXES = ("cgml_lightning.", "torch.", "lightning.", "pytorch_lightning.", "torchmetrics.",
-                           "hydra_plugins.", "builtins.dict", "builtins.list")
+EXTERNAL_TARGETS = frozenset({
+    *(f"torch.optim.{name}" for name in ("Adam", "AdamW", "SGD", "RMSprop", "NAdam", "RAdam", "Adagrad")),
+    *(f"torch.optim.lr_scheduler.{name}" for name in (
+        "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
+        "ConstantLR", "OneCycleLR")),
+    "lightning.Trainer", "lightning.pytorch.Trainer",
+    *(f"lightning.pytorch.callbacks.{name}" for name in (
+        "ModelCheckpoint", "RichProgressBar", "TQDMProgressBar", "LearningRateMonitor", "EarlyStopping",
+        "ModelSummary", "RichModelSummary", "Timer", "DeviceStatsMonitor")),
+    *(f"lightning.pytorch.loggers.{name}" for name in ("CSVLogger", "TensorBoardLogger", "WandbLogger")),
+    *(f"lightning.pytorch.profilers.{name}" for name in ("SimpleProfiler", "AdvancedProfiler", "PyTorchProfiler")),
+    "lightning.pytorch.plugins.environments.SLURMEnvironment",
+})
+# Packages whose exported LightningDataModule / LightningModule / Callback classes are instantiable.
+PACKAGE_EXPORTS = ("cgml_lightning", "cgml_lightning.data", "cgml_lightning.modules", "cgml_lightning.callbacks")
+_registered: set[str] = set()
+
+
+def package_classes(kind: type | tuple[type, ...] | None = None) -> dict[str, type]:
+    """{name: class} for the package's exported Lightning classes, under each exporting package's name and the
+    defining module's name (e.g. cgml_lightning.CGMLModule and cgml_lightning.modules.cgml.CGMLModule)."""
+    import lightning as L
+
+    kind = kind or (L.LightningDataModule, L.LightningModule, L.Callback)
+    found = {}
+    for package in PACKAGE_EXPORTS:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", ()):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, kind):
+                found[f"{package}.{name}"] = obj
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return found
+
+
+def registered_targets() -> frozenset[str]:
+    return frozenset(EXTERNAL_TARGETS | _registered | set(package_classes()))
+
+
+def register(*objects: Any) -> None:
+    """Allow more classes or callables by object (not by name), e.g. a callback of your own in your own script."""
+    for obj in objects:
+        _registered.add(f"{obj.__module__}.{obj.__qualname__}")
 
 
 def find_targets(cfg: Any, path: str = "") -> list[tuple[str, str]]:
@@ -16,7 +65,7 @@ def find_targets(cfg: Any, path: str = "") -> list[tuple[str, str]]:
         cfg = OmegaConf.to_container(cfg, resolve=False)
     found = []
     if isinstance(cfg, dict):
-        if isinstance(cfg.get("_target_"), str):
+        if "_target_" in cfg:
             found.append((path or "<root>", cfg["_target_"]))
         for key, value in cfg.items():
             found += find_targets(value, f"{path}.{key}" if path else str(key))
@@ -26,45 +75,40 @@ def find_targets(cfg: Any, path: str = "") -> list[tuple[str, str]]:
     return found
 
 
-def allowed(name: str) -> bool:
-    return name.startswith(ALLOWED_TARGET_PREFIXES)
-
-
-def resolves_inside_allowlist(target: str) -> bool:
-    """Walk the dotted name as Hydra would; every module passed through and the object reached must belong to an
-    allowed package (so `torch.os.system`, which starts like an allowed name, is refused)."""
-    import importlib
-    import types
-
-    parts = target.split(".")
-    obj, i = None, len(parts)
-    while i > 0:                                                     # the longest importable module prefix
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-            break
-        except ImportError:
-            i -= 1
-    if obj is None:
-        return False
-    for part in parts[i:]:
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return False
-        if isinstance(obj, types.ModuleType) and not allowed(obj.__name__ + "."):
-            return False
-    home = getattr(obj, "__module__", None) or ""
-    return allowed(f"{home}.{getattr(obj, '__qualname__', '')}")
-
-
 def check_targets(cfg: Any) -> None:
-    """Refuse any `_target_` outside the allowlist, naming the key (e.g. a YAML pointing at os.system).
-    Names outside the allowed prefixes are refused without importing anything."""
+    """Refuse any `_target_` that is not exactly a registered name, naming the key; nothing is imported first."""
+    allowed = registered_targets()
     for path, target in find_targets(cfg):
-        if not (allowed(target) and resolves_inside_allowlist(target)):
-            raise ValueError(f"refusing to instantiate {path}._target_={target!r}: only targets inside "
-                             f"{', '.join(ALLOWED_TARGET_PREFIXES)} are allowed")
+        if not isinstance(target, str) or target not in allowed:
+            raise ValueError(f"refusing to instantiate {path}._target_={target!r}: not a registered target. "
+                             f"Configs may name the package's datamodules, modules and callbacks and the "
+                             f"optimizers, schedulers, loggers, callbacks and profilers listed in "
+                             f"cgml_lightning.instantiate (Python code can add its own with register())")
 
 
 def instantiate(cfg: Any, *args, **kwargs) -> Any:
     check_targets(cfg)
     return hydra.utils.instantiate(cfg, *args, **kwargs)
+
+
+def datamodule_from_record(record: Any, source: str):
+    """Rebuild a datamodule from a data config recorded in a checkpoint: the class is looked up by name among the
+    package's datamodules only, and called with the recorded keyword arguments; no stored `_target_` is handed
+    to Hydra, and a nested `_target_` anywhere in the record is refused."""
+    import lightning as L
+
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: the recorded data config is a {type(record).__name__}, not a mapping; "
+                         "pass data=... on the command line")
+    kwargs = {k: v for k, v in record.items() if k != "_target_"}
+    name = record.get("_target_")
+    datamodules = package_classes(L.LightningDataModule)
+    if not isinstance(name, str) or name not in datamodules:
+        raise ValueError(f"{source}: the recorded data config names {name!r}, which is not one of the package's "
+                         f"datamodules; pass data=... on the command line")
+    nested = find_targets(kwargs)
+    if nested or any(str(k).startswith("_") for k in kwargs):
+        bad = nested[0][0] + "._target_" if nested else next(k for k in kwargs if str(k).startswith("_"))
+        raise ValueError(f"{source}: the recorded data config holds {bad!r}, which a datamodule never takes; "
+                         "pass data=... on the command line")
+    return datamodules[name](**kwargs)

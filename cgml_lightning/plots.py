@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from cgml_lightning.files import atomic_path, save_image
+
 
 def to_rgb(img: Tensor) -> Tensor:
     """[C, H, W] in [0, 1] -> [3, H, W]; a trailing mask channel (completion input) is shown as grey."""
@@ -55,7 +57,8 @@ def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path,
         draw_toy(ax, x, samples, modes, d)
     fig.suptitle(title or "samples (red) and true modes (black)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -65,15 +68,23 @@ def save_samples_png(module, datamodule, path: str | Path, num_inputs: int = 8, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if datamodule.kind == "image":
-        batch = next(iter(datamodule.test_dataloader()))
+        batch = first_test_batch(datamodule)
         x, y = batch["x"][:num_inputs], batch["y"][:num_inputs]
-        image_grid(x, module.sample(x, num_samples, seed=seed).cpu(), y).save(path)
+        save_image(image_grid(x, module.sample(x, num_samples, seed=seed).cpu(), y), path)
     elif hasattr(datamodule, "grid"):
         x = datamodule.grid(100)
         toy_plot(x, module.sample(x, num_samples, seed=seed).cpu(), datamodule.modes(x), path)
     else:                                                      # vector data without known modes: first input dim
-        batch = next(iter(datamodule.test_dataloader()))
+        batch = first_test_batch(datamodule)
         x = batch["x"][:100]
         order = x[:, 0].argsort()
         toy_plot(x[order], module.sample(x[order], num_samples, seed=seed).flatten(2).cpu(), None, path)
     return path
+
+
+def first_test_batch(datamodule) -> dict[str, Tensor]:
+    """The first batch of the test split; a ValueError naming the datamodule when the split is empty."""
+    batch = next(iter(datamodule.test_dataloader()), None)
+    if batch is None:
+        raise ValueError(f"{type(datamodule).__name__}: the test split is empty (raise data.test_fraction or add data)")
+    return batch

@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from cgml_lightning.data.degradations import Degradation, apply_mask
 from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, list_images, open_image,
-                                         resize_crop, to_tensor)
+                                         to_tensor)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -62,10 +62,9 @@ def fit_size(img: Image.Image, path: Path, size: tuple[int, int], crop: bool, ke
     h, w = size
     if img.size == (w, h):
         return img
-    if crop:
-        if h != w:
-            raise ValueError(f"crop=true centre-crops to a square, but the model's images are {w}x{h} (W x H)")
-        return resize_crop(img, h)
+    if crop:                     # the shorter side to the model's size, then a centre crop, with `resample`
+        log.info("%s: resized and centre-cropped %s from %dx%d to %dx%d", key, path, img.size[0], img.size[1], w, h)
+        return ImageOps.fit(img, (w, h), method=resample)
     ratio, model_ratio = img.size[0] / img.size[1], w / h
     if abs(ratio - model_ratio) > ASPECT_TOLERANCE * model_ratio:
         raise ImageDataError(f"{key}: {path} is {img.size[0]}x{img.size[1]} (W x H) but the model takes {w}x{h}: "

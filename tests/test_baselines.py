@@ -127,13 +127,13 @@ def test_sample_restores_mode_and_rejects_guide(fitted):
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 def test_checkpoint_round_trip(fitted):
-    from cgml_lightning.cli import load_module
+    from cgml_lightning.cli import load_checkpoint
 
     module, path, cls = fitted["module"], fitted["path"], MODULES[fitted["name"]]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["cgml_module"] == fitted["name"]
     loaded = cls.load_from_checkpoint(path, map_location="cpu")
-    assert type(loaded) is cls and type(load_module(path)) is cls
+    assert type(loaded) is cls and type(load_checkpoint(str(path))) is cls
     x = inputs(fitted["dm"])
     assert torch.equal(loaded.sample(x, num_samples=3, seed=1), module.sample(x, num_samples=3, seed=1))
 

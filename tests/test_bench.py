@@ -49,9 +49,11 @@ def test_bench_json_has_every_model_and_key(bench_run):
         assert REQUIRED <= set(result), (name, REQUIRED - set(result))
         for key in REQUIRED:
             assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), (name, key, result[key])
-        assert 0.0 <= result["probe_acc"] <= 1.0 and 0.0 <= result["sample_class_acc"] <= 1.0
+        assert result["probe_acc"] > 0.4                  # chance is 0.1 (10 digits); broken encoder features stay near it
         assert result["train_s_per_step"] > 0 and result["samples_per_s"] > 0 and result["fid"] >= 0
         assert result["num_inputs"] == 12 and result["num_samples"] == 3
+    # completed digits stay the digits they were more often than chance (0.1), averaged over the models
+    assert sum(r["sample_class_acc"] for r in report["models"].values()) / len(MODELS) > 0.2
     assert report["models"]["regressor"]["diversity"] == 0.0
     assert all(report["models"][n]["diversity"] > 0 for n in MODELS if n != "regressor")
     assert "cnn-classifier" in report["feature_nets"] and "accuracy on the real test images" in report["feature_nets"]
@@ -141,7 +143,8 @@ def test_eval_config_feeds_the_evaluation_nets(compose_bench, tmp_path):
                                      f"feature_net.cache_dir={tmp_path}"])
     dm = DigitsDataModule(max_train_samples=64)
     nets = build_eval_nets(dm, **plain(cfg.feature_net))
-    assert nets.classifier is not None and nets.fid_features is not None and 0 <= nets.classifier_test_acc <= 1
+    assert nets.classifier is not None and nets.fid_features is not None
+    assert nets.classifier_test_acc > 0.3                # 20 steps: well above chance (0.1), far from perfect
     assert len(list(tmp_path.glob("classifier-*.pt"))) == 1
     none = build_eval_nets(dm, **{**plain(cfg.feature_net), "fid": "none"})
     assert none.fid_features is None and none.classifier is None and "FID: none" in none.describe()

@@ -123,13 +123,13 @@ def test_model_for_net_specializes_cgml_only(compose_train, model, net):
         assert cfg.model.optimizer == mlp.optimizer                           # the regressor keeps lr 0.001
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "fsdp"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim"])
 def test_trainer_configs_compose(compose_train, trainer):
     assert trainer in group_options("trainer")
     cfg = compose_train("experiment=toy", f"trainer={trainer}")
     assert cfg.trainer._target_ == "lightning.Trainer"
     expected = {"cpu": ("cpu", 1, None), "gpu": ("gpu", 1, None), "ddp": ("gpu", 4, "ddp"),
-                "ddp_sim": ("cpu", 2, "ddp"), "fsdp": ("gpu", 4, "fsdp")}[trainer]
+                "ddp_sim": ("cpu", 2, "ddp")}[trainer]
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("strategy")) == expected
     assert cfg.trainer.max_epochs == 40                               # the experiment's value survives
     check_targets(cfg)
@@ -308,7 +308,16 @@ def test_train_toy_fdr(toy_run):
     assert_run_artifacts(toy_run)
     metrics = read_metrics(toy_run)
     assert TOY_KEYS <= set(metrics)
-    assert 0.0 <= metrics["mode_near_fraction"] <= 1.0 and 0.0 <= metrics["mode_coverage"] <= 1.0
+    # the written figures are the evaluation of the saved model on its recorded data, not some other numbers
+    from cgml_lightning.cli import load_checkpoint
+    from cgml_lightning.evaluation import evaluate
+    from cgml_lightning.instantiate import datamodule_from_record
+
+    module = load_checkpoint(str(toy_run / "checkpoints" / "last.ckpt"))
+    again = evaluate(module, datamodule_from_record(module.data_info["data"], "toy"), metrics["num_samples"],
+                     metrics["num_inputs"], seed=0)
+    assert (again["mode_near_fraction"], again["mode_coverage"]) == (metrics["mode_near_fraction"],
+                                                                     metrics["mode_coverage"])
     ckpt = torch.load(toy_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     latents = [v for k, v in ckpt["state_dict"].items() if "latents" in k]
     assert latents and latents[0].shape[1] == 10                       # experiment=toy: latent_dim 10
@@ -318,8 +327,8 @@ def test_train_digits_completion_fdr(digits_run):
     assert_run_artifacts(digits_run)
     metrics = read_metrics(digits_run)
     assert IMAGE_KEYS <= set(metrics)
-    assert metrics["psnr_best_of_n"] >= metrics["psnr_mean"]
-    assert 0.0 <= metrics["ssim_best_of_n"] <= 1.0 and metrics["diversity"] >= 0.0
+    # cGML's samples of one input differ, so the best of them beats their mean (a decoder ignoring z fails both)
+    assert metrics["diversity"] > 0.0 and metrics["psnr_best_of_n"] > metrics["psnr_mean"]
 
 
 def test_train_npz_limit_with_csv_logger(npz_run):
@@ -450,7 +459,7 @@ def test_sample_on_a_folder_of_user_images(digits_run, workdir, user_folder):
 
 
 def test_sample_with_a_mask_file_and_a_hint(digits_run, workdir, user_folder):
-    from cgml_lightning.cli import load_module
+    from cgml_lightning.cli import load_checkpoint
 
     mask = np.zeros((16, 16), np.uint8)
     mask[:, 8:] = 255                                                        # white = unknown: the right half
@@ -470,7 +479,7 @@ def test_sample_with_a_mask_file_and_a_hint(digits_run, workdir, user_folder):
     known = saved["hint_known"]
     assert known.shape == (1, 1, 8, 8) and known.sum() == 8 and known[0, 0, 2:6, 5:7].eq(1).all()
     # the hint pulled the hidden pixels it covers toward white, compared with unguided samples of the same start
-    module = load_module(ckpt)
+    module = load_checkpoint(str(ckpt))
     free = module.sample(saved["x"], 4, generator=torch.Generator().manual_seed(0))
     on_hint = known.bool().expand(1, 1, 8, 8)
     guided_err = (saved["samples"][:, :, on_hint[0]] - 1).abs().mean()

@@ -360,7 +360,7 @@ def test_every_module_exposes_encoder_features(name, digits_dm):
     feats = encoder_features(module, x)
     assert feats.shape == (5, module.generator.feature_dim)
     acc = linear_probe(module, digits_dm, num_train=64, num_test=32)
-    assert 0.0 <= acc <= 1.0
+    assert acc > 0.25                      # chance is 0.1 (10 digits); a probe on broken features stays near it
 
 
 def test_linear_probe_needs_labels(toy_dm):

@@ -313,13 +313,15 @@ def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
         table = module.generator.decode(tuple(f.repeat_interleave(6, 0) for f in feats),
                                         module.table_starts(module.table_neighbours(module.generator.summarize(feats)),
                                                             6, torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(a.flatten(0, 1), table)                # steps=0: the decoded table latents
+    # steps=0: the decoded table latents (float32 results depend on the CPU's kernels and the batch: tolerance)
+    torch.testing.assert_close(a.flatten(0, 1), table, rtol=1e-4, atol=1e-4)
     guided = module.sample(x, num_samples=6, seed=1, guide=lambda s: -s[..., 0].sum())
     with torch.no_grad():                                              # guided samples are decoded neighbour latents
         neighbours = module.table_neighbours(module.generator.summarize(feats))
         options = module.generator.decode(tuple(f.repeat_interleave(neighbours.shape[1], 0) for f in feats),
                                           module.latents[neighbours].flatten(0, 1)).view(5, -1, 3)
-    assert torch.cdist(guided, options).amin(dim=-1).max() < 1e-5
+    picked = torch.cdist(guided, options).argmin(dim=-1)                # [5, 6]: which neighbour latent each is
+    torch.testing.assert_close(guided, options.gather(1, picked[..., None].expand(-1, -1, 3)), rtol=1e-4, atol=1e-4)
     assert guided[..., 0].mean() >= a[..., 0].mean()                  # and the guide's side is preferred
     z = torch.randn(5 * 6, module.latent_dim)
     torch.testing.assert_close(module.snap_to_table(feats, z, neighbours, chunk_size=1),   # one input per chunk

@@ -30,33 +30,11 @@ from cgml_lightning.data.base import IndexedDataset
 
 torch.set_num_threads(1)
 
-TOY = ["experiment=toy", "data.num_samples=512", "eval.num_samples=2", "eval.num_inputs=8",
-       "++trainer.limit_val_batches=1"]
 ATOL = 1e-5
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-from helpers import script_command  # noqa: E402
-
-
-def cli_env(cwd: Path) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PWD": str(cwd), "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
-
-
-def run_cli(name: str, *args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*script_command(name), *args], cwd=cwd, env=cli_env(cwd), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{name} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-                    f"\n--- stderr\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+from helpers import TOY, cli_env, compose_job, load, run_cli, script_command  # noqa: E402
 
 
 def latent_table(state_dict: dict) -> torch.Tensor:
@@ -79,20 +57,6 @@ def max_abs_diff(a, b, where: str = "") -> float:
         return abs(a - b)
     assert a == b, f"{where}: {a!r} vs {b!r}"
     return 0.0
-
-
-def compose_job(out: Path, *overrides: str):
-    """The job config of `cgml-train OVERRIDES hydra.run.dir=OUT`, as the task sees it, with HydraConfig set so
-    `run_train` can run in-process and write into OUT."""
-    out.mkdir(parents=True, exist_ok=True)
-    with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.fixture
@@ -157,30 +121,34 @@ def test_resume_matches_uninterrupted_run(resume_runs):
 
 
 def test_resume_with_more_epochs_keeps_training(hydra_job, tmp_path):
-    """`cgml-train ... trainer.max_epochs=1`, then `ckpt_path=RUN1/checkpoints/last.ckpt trainer.max_epochs=2`:
-    the extra epoch must train (or the resume must be refused with a clear message), never run silently at a
-    learning rate the restored schedule already annealed to 0; with a constant rate it matches a 2-epoch run."""
+    """`cgml-train ... trainer.max_epochs=1`, then `ckpt_path=RUN1/checkpoints/last.ckpt trainer.max_epochs=2` with a
+    constant learning rate: the extra epoch trains, and the result equals a straight 2-epoch run."""
+    from cgml_lightning.cli import run_train
+
+    common = in_process_overrides("seed=7", "model.scheduler=null")
+    run_train(hydra_job(tmp_path / "one", *common, "trainer.max_epochs=1"))
+    first = tmp_path / "one" / "checkpoints" / "last.ckpt"
+    run_train(hydra_job(tmp_path / "more", *common, f"ckpt_path={first}", "trainer.max_epochs=2"))
+    before, after = load(first), load(tmp_path / "more" / "checkpoints" / "last.ckpt")
+    assert after["global_step"] > before["global_step"]
+    moved = max_abs_diff({k: v for k, v in before["state_dict"].items() if "latents" not in k},
+                         {k: v for k, v in after["state_dict"].items() if "latents" not in k})
+    assert moved > 1e-4, f"the resumed epoch did not change any weight (max |dw| = {moved:.2e})"
+    run_train(hydra_job(tmp_path / "two", *common, "trainer.max_epochs=2"))
+    assert_same_state(load(tmp_path / "two" / "checkpoints" / "last.ckpt"), after)
+
+
+def test_resume_with_another_schedule_length_is_refused(hydra_job, tmp_path):
+    """With the default cosine schedule, more epochs on resume would restore a schedule already annealed to 0:
+    refused before training, naming max_epochs and init_from."""
     from cgml_lightning.cli import run_train
 
     common = in_process_overrides("seed=7")
     run_train(hydra_job(tmp_path / "one", *common, "trainer.max_epochs=1"))
     first = tmp_path / "one" / "checkpoints" / "last.ckpt"
-    cfg = hydra_job(tmp_path / "more", *common, f"ckpt_path={first}", "trainer.max_epochs=2")
-    try:
-        run_train(cfg)
-    except ValueError as err:                                          # an explicit refusal is acceptable
-        assert "max_epochs" in str(err) or "T_max" in str(err) or "schedul" in str(err), str(err)
-        return
-    before, after = load(first), load(tmp_path / "more" / "checkpoints" / "last.ckpt")
-    assert after["global_step"] > before["global_step"]
-    lrs = [g["lr"] for opt in after["optimizer_states"] for g in opt["param_groups"]]
-    moved = max_abs_diff({k: v for k, v in before["state_dict"].items() if "latents" not in k},
-                         {k: v for k, v in after["state_dict"].items() if "latents" not in k})
-    assert moved > 1e-4, (f"the resumed epoch did not change any weight (max |dw| = {moved:.2e}); learning rates "
-                          f"after resume: {lrs}; restored schedulers: {before.get('lr_schedulers')}")
-    if not cfg.model.get("scheduler"):
-        run_train(hydra_job(tmp_path / "two", *common, "trainer.max_epochs=2"))
-        assert_same_state(load(tmp_path / "two" / "checkpoints" / "last.ckpt"), after)
+    with pytest.raises(ValueError, match=r"T_max=1 .* asks for 2.*trainer\.max_epochs.*init_from"):
+        run_train(hydra_job(tmp_path / "more", *common, f"ckpt_path={first}", "trainer.max_epochs=2"))
+    assert not (tmp_path / "more" / "checkpoints").exists()
 
 
 # ---- 2. fine-tuning --------------------------------------------------------------------------------------------
@@ -444,11 +412,11 @@ def booby_ckpt(tmp_path) -> tuple[Path, Path]:
 
 
 def test_booby_trapped_checkpoint_is_refused_in_process(booby_ckpt):
-    from cgml_lightning.cli import check_resume, load_module
+    from cgml_lightning.cli import check_resume, load_checkpoint
 
     path, flag = booby_ckpt
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported global"):
-        load_module(path)
+        load_checkpoint(str(path))
     assert not flag.exists()
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported global"):
         CGMLModule.load_from_checkpoint(path, map_location="cpu")

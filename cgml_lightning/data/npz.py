@@ -42,10 +42,14 @@ def load_npz(path: str | None) -> tuple[Tensor, Tensor]:
             raise ValueError(f"{file}: array {name!r} is a scalar; the first axis must index samples")
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
             raise ValueError(f"{file}: array {name!r} has non-numeric dtype {a.dtype}")
-        bad = ~np.isfinite(a.astype(np.float64))
+        if a.ndim > 1 and 0 in a.shape[1:]:
+            raise ValueError(f"{file}: array {name!r} has shape {a.shape}: no values per sample")
+        with np.errstate(over="ignore"):                                   # float64 beyond float32 becomes Inf
+            bad = ~np.isfinite(a.astype(np.float32))
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
-            raise ValueError(f"{file}: array {name!r} has {int(bad.sum())} NaN/Inf value(s), first in sample {row}")
+            raise ValueError(f"{file}: array {name!r} has {int(bad.sum())} NaN/Inf value(s) or value(s) beyond "
+                             f"float32's range (|v| > 3.4e38), first in sample {row}")
     x, y = arrays["x"], arrays["y"]
     if len(x) != len(y):
         raise ValueError(f"{file}: arrays 'x' and 'y' differ in length ({len(x)} vs {len(y)} samples)")

@@ -1,6 +1,7 @@
 """What every conditional module shares: data description, generator, optimizers, sampling API, validation."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import warnings
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from cgml_lightning.algorithm import distance, medoids
+from cgml_lightning.files import read_checkpoint, read_checkpoint_bytes
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.metrics import pairwise_l1_diversity
 from cgml_lightning.nets import build_generator
@@ -63,18 +65,65 @@ class ConditionalModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              weights_only: bool = True, **kwargs):
-        """Lightning's loader, safe by default: weights_only=True (our checkpoints hold plain containers only)."""
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
+        """Lightning's loader, safe by default (weights_only=True: our checkpoints hold plain containers only).
+        The class comes from the name the checkpoint records: ConditionalModule.load_from_checkpoint loads any
+        cgml-lightning checkpoint; a subclass refuses another module's checkpoint, naming the one to use."""
+        from cgml_lightning.modules import MODULES
+
+        checkpoint, data = read_checkpoint_bytes(checkpoint_path)
+        recorded = checkpoint.get("cgml_module")
+        if recorded not in MODULES:
+            raise ValueError(f"{checkpoint_path}: not a cgml-lightning checkpoint (it records module {recorded!r}; "
+                             f"known: {sorted(MODULES)})")
+        target = MODULES[recorded]
+        if not issubclass(target, cls):
+            raise ValueError(f"{checkpoint_path}: holds a {target.__name__} (model={recorded}), not a {cls.__name__}; "
+                             f"load it with {target.__name__}.load_from_checkpoint(path) or "
+                             f"ConditionalModule.load_from_checkpoint(path)")
+        if target is not cls:
+            return target.load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        try:
+            return super().load_from_checkpoint(io.BytesIO(data), map_location=map_location, hparams_file=hparams_file,
+                                                strict=strict, weights_only=weights_only, **kwargs)
+        except (RuntimeError, TypeError, KeyError) as err:
+            raise ValueError(f"{checkpoint_path}: does not load into {cls.__name__}: {err}") from err
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the module's name; refuse to write a state with NaN/Inf in it, so no checkpoint on disk (last.ckpt
+        included) is ever replaced by a non-finite one."""
         checkpoint["cgml_module"] = self.module_name
+        bad = [k for k, v in checkpoint["state_dict"].items()       # latent_keys: NaN marks rows not yet written
+               if "latent_keys" not in k and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"not saving a checkpoint at step {self.global_step}: {', '.join(bad[:5])} hold "
+                                     f"NaN/Inf; the checkpoints already on disk are unchanged")
+
+    # ---- NaN/Inf guard: the same decision on every rank -----------------------------------------------------
+    def all_finite(self, *tensors: Tensor) -> bool:
+        ok = torch.tensor(float(all(torch.isfinite(t).all() for t in tensors)), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
+        return bool(ok.item())
+
+    def trainable_norm(self) -> Tensor:
+        """The total 2-norm of the trained weights (the latent table is not trained by gradients and is left out:
+        its rows are checked where they are written)."""
+        return torch.nn.utils.get_total_norm([p.detach() for p in self.parameters() if p.requires_grad])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Stop as soon as an optimizer step has written NaN/Inf into the weights (nothing is saved from that state;
+        the newest checkpoint on disk holds the last finite one)."""
+        if not self.all_finite(self.trainable_norm()):
+            raise FloatingPointError(
+                f"an optimizer step made the weights NaN/Inf (batch {batch_idx}, step {self.global_step}); no "
+                f"checkpoint was written from that state. Resume from the newest checkpoint with a lower learning "
+                f"rate or model.clip_grad_norm, or run with debug=anomaly to find the op.")
 
     def init_weights_from(self, path: str, freeze: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
         freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys.
         Loads with weights_only=True and never instantiates anything named in the checkpoint."""
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        state = read_checkpoint(path)["state_dict"]
         own = self.state_dict()
         keys = [k for k in own if "latents" not in k and "latent_keys" not in k]      # per-sample tables: data-bound
         missing = [k for k in keys if k not in state]

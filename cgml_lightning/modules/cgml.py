@@ -124,13 +124,14 @@ class CGMLModule(ConditionalModule):
         hbar = self.generator.summarize(feats)
         dyn_loss = self.dynamics_phase_loss(hbar, path)
         w_loss = self.generator_phase_loss(feats, path[-1], y, x)
-        if not self.all_finite(w_loss, dyn_loss, path[-1]):
-            return self.skip_nonfinite(batch_idx)
-        self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
         # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
         opt_w.zero_grad(set_to_none=True)
         opt_z.zero_grad(set_to_none=True)
         self.manual_backward(w_loss + dyn_loss)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not self.all_finite(w_loss, dyn_loss, path[-1], torch.nn.utils.get_total_norm(grads)):
+            return self.skip_nonfinite(batch_idx)
+        self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
         if self.hparams.clip_grad_norm:
             self.clip_gradients(opt_w, gradient_clip_val=self.hparams.clip_grad_norm, gradient_clip_algorithm="norm")
         opt_w.step()
@@ -139,24 +140,19 @@ class CGMLModule(ConditionalModule):
         self.log_dict({"train/w_loss": w_loss.detach(), "train/dynamics_loss": dyn_loss.detach()},
                       prog_bar=True, batch_size=len(x))
 
-    # ---- NaN/Inf guard: the same decision on every rank -----------------------------------------------------
-    def all_finite(self, *tensors: Tensor) -> bool:
-        ok = torch.tensor(float(all(torch.isfinite(t).all() for t in tensors)), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
-        return bool(ok.item())
-
     def skip_nonfinite(self, batch_idx: int) -> None:
-        """Skip the batch (no step, no table write); after max_nonfinite_batches in a row, save and stop."""
+        """Skip the batch (no step, no table write); after max_nonfinite_batches in a row, save and stop. The weights
+        are then those after the last finite update (a step that makes them non-finite stops the run at once)."""
         self.nonfinite_streak += 1
         self.log("train/skipped_nonfinite", float(self.nonfinite_streak), batch_size=1)
         if self.nonfinite_streak >= self.hparams.max_nonfinite_batches:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite_stop.ckpt"
             self.trainer.save_checkpoint(path)
             raise FloatingPointError(
-                f"{self.nonfinite_streak} batches in a row gave NaN/Inf losses or latents (last: batch {batch_idx}, "
-                f"step {self.global_step}); saved the last finite state to {path}. Lower the learning rates or "
-                f"z_lr, set model.clip_grad_norm, or run with debug=anomaly to find the op.")
+                f"{self.nonfinite_streak} batches in a row gave NaN/Inf losses, latents or gradients (last: batch "
+                f"{batch_idx}); saved {path}: the weights, latent table and optimizers after the last finite update "
+                f"(step {self.global_step}), the loop at this batch. Lower the learning rates or z_lr, set "
+                f"model.clip_grad_norm, or run with debug=anomaly to find the op.")
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()

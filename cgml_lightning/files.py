@@ -1,0 +1,85 @@
+"""Files a run reads and leaves behind: checkpoints read safely (weights only, errors naming the file) and
+result files written atomically (a temporary file beside the target, renamed over it when complete), so an
+interrupted write never leaves a truncated metrics.json or picture in place of a good one."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger("cgml_lightning")
+
+STOP_CHECKPOINTS = ("nonfinite_stop.ckpt",)    # written when training gives up: never resumed by ckpt_path=last
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path (same folder and suffix, so writers that infer the format from the name work);
+    it replaces `path` only when the block finishes without an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s", path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_image(image, path: str | Path) -> Path:
+    """A PIL image written atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp)
+    return Path(path)
+
+
+def read_checkpoint_bytes(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    """The checkpoint dict (loaded with weights_only=True) and the file's bytes; every problem is a ValueError
+    (FileNotFoundError for a missing file) naming the file and the cause."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.resolve()}: no such checkpoint")
+    data = path.read_bytes()
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: holds objects a weights-only load refuses, so it was not made by "
+                         f"cgml-lightning (nothing in it was run): {err}") from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not a file torch.save wrote): "
+                         f"{type(err).__name__}: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a dict with a state_dict)")
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path}: holds no state_dict (keys: {sorted(map(str, checkpoint))[:10]}); "
+                         "not a Lightning checkpoint")
+    return checkpoint, data
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    return read_checkpoint_bytes(path)[0]
+
+
+def newest_checkpoint(folder: str | Path) -> Path | None:
+    """The most recently written checkpoint in folder (stop checkpoints aside), or None."""
+    found = [p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
