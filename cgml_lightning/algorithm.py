@@ -42,14 +42,31 @@ def distance(pred: Tensor, target: Tensor, kind: str = "l1", weight: Tensor | No
 
 
 @torch.no_grad()
-def select_starts(loss_fn: LossFn, candidates: Tensor) -> Tensor:
-    """Mode-consistent starts: per input, the candidate z[M, B, d] whose output is closest to y.
+def start_losses(loss_fn: LossFn, candidates: Tensor, batched: bool = False) -> Tensor:
+    """The distance of each candidate z[M, B, d]'s output to y: Tensor[M, B].
+
+    batched=False: one decoder pass of B rows per candidate; loss_fn maps [B, d] -> [B]. On CPU this is
+    faster than one pass of M*B rows, and memory stays flat.
+    batched=True: one pass over all M*B rows, row m*B + b holding candidate m of input b; loss_fn maps
+    [M*B, d] -> [M*B], so it closes over the features and targets repeated M times. Fewer, larger kernels,
+    which a GPU may run faster than M small passes. Both give the same losses up to float rounding, as long
+    as the decoder treats rows independently (group norm does; batch norm in training mode does not).
+    """
+    if batched:
+        m, b, d = candidates.shape
+        return loss_fn(candidates.reshape(m * b, d)).view(m, b)
+    return torch.stack([loss_fn(z) for z in candidates])
+
+
+@torch.no_grad()
+def select_starts(loss_fn: LossFn, candidates: Tensor, batched: bool = False) -> Tensor:
+    """Mode-consistent starts: per input, the candidate z[M, B, d] whose output is closest to y
+    (loss_fn and batched as in start_losses).
 
     Choosing the start makes the dynamics network's regression targets consistent: a start in
     one mode's basin is paired with targets of that mode, so Z stops averaging between modes.
     """
-    # one decoder pass of B rows per candidate: on CPU faster than one pass of M*B rows, and memory stays flat
-    losses = torch.stack([loss_fn(z) for z in candidates])             # [M, B]
+    losses = start_losses(loss_fn, candidates, batched)                 # [M, B]
     best = losses.argmin(dim=0)                                          # [B]
     return candidates[best, torch.arange(candidates.shape[1], device=candidates.device)]  # [B, d]
 

@@ -132,15 +132,18 @@ def train_model(train_cfg: DictConfig, datamodule, budget_s: float, every_s: flo
 
 
 # ---- measurements ----------------------------------------------------------------------------------------------
-def first_batches(data, batch_size: int, count: int) -> list[dict[str, Tensor]]:
-    """The first `count` batches of a dataset split in its own order: the same inputs for every model."""
+def first_batches(datamodule, split: str, batch_size: int, count: int) -> list[dict[str, Tensor]]:
+    """The first `count` batches of a split in its own order (each sample's fixed degradation): the same inputs
+    for every model."""
+    data = datamodule.splits[split]
     if len(data) == 0:
-        raise ValueError("cgml-bench: a data split it measures on (val, test or train) is empty")
-    return list(islice(DataLoader(data, batch_size=batch_size, shuffle=False), count))
+        raise ValueError(f"cgml-bench: the {split} split it measures on is empty")
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=datamodule.collate)
+    return list(islice(loader, count))
 
 
-def first_inputs(data, count: int) -> dict[str, Tensor]:
-    return first_batches(data, count, 1)[0]
+def first_inputs(datamodule, split: str, count: int) -> dict[str, Tensor]:
+    return first_batches(datamodule, split, count, 1)[0]
 
 
 @torch.no_grad()
@@ -291,9 +294,9 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
                              "the bench trains every model on the same data")
     nets = build_eval_nets(datamodule, **plain(cfg.feature_net))
     datamodule.setup()
-    curve_batch = first_inputs(datamodule.splits["val"], prof.curve_num_inputs)
-    speed_x = first_inputs(datamodule.splits["test"], prof.speed_inputs)["x"]
-    timing_batches = first_batches(datamodule.splits["train"], datamodule.batch_size,
+    curve_batch = first_inputs(datamodule, "val", prof.curve_num_inputs)
+    speed_x = first_inputs(datamodule, "test", prof.speed_inputs)["x"]
+    timing_batches = first_batches(datamodule, "train", datamodule.batch_size,
                                    prof.timing_warmup + prof.timing_batches)
 
     models, results = {}, {}
@@ -304,7 +307,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         curve = convergence_curve(module, snapshots, curve_batch, prof.curve_num_samples, cfg.seed)
         metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, cfg.seed, nets)
         probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, cfg.seed) \
-            if datamodule.splits["train"].label is not None else None
+            if getattr(datamodule.splits["train"], "label", None) is not None else None
         models[name] = module
         results[name] = {**metrics, "probe_acc": probe, "train_s": round(curve[-1]["seconds"], 3),
                          "batches_trained": snapshots.points[-1][1], "curve": curve}

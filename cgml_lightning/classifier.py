@@ -117,7 +117,7 @@ def labelled_split(datamodule, split: str) -> tuple[Tensor, Tensor]:
     """(clean images y [N, C, H, W], labels [N]) of a datamodule's split; an error if it has no class labels."""
     datamodule.setup()
     data = datamodule.splits[split]
-    if data.label is None:
+    if getattr(data, "label", None) is None:
         raise ValueError(f"{type(datamodule).__name__} has no class labels (no 'label' in its batches): "
                          "the classifier and the linear probe need them")
     return data.y, data.label
@@ -126,7 +126,7 @@ def labelled_split(datamodule, split: str) -> tuple[Tensor, Tensor]:
 def has_labels(datamodule) -> bool:
     """Whether every split of a datamodule carries class labels."""
     datamodule.setup()
-    return all(s.label is not None for s in datamodule.splits.values())
+    return all(getattr(s, "label", None) is not None for s in datamodule.splits.values())
 
 
 def train_classifier(images: Tensor, labels: Tensor, num_classes: int, width: int = 16, feature_dim: int = 64,

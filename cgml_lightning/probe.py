@@ -31,13 +31,14 @@ def split_features(module, datamodule, split: str, max_samples: int) -> tuple[Te
     """(features [n, F], labels [n]) of the first max_samples inputs of a split, in the split's order."""
     datamodule.setup()
     data = datamodule.splits[split]
-    if data.label is None:
+    if getattr(data, "label", None) is None:
         raise ValueError(f"linear probe: {type(datamodule).__name__} has no class labels ('label' in its batches)")
     was_training = module.training
     module.eval()
     feats, labels, seen = [], [], 0
     try:
-        for batch in DataLoader(data, batch_size=datamodule.eval_batch_size, shuffle=False):
+        for batch in DataLoader(data, batch_size=datamodule.eval_batch_size, shuffle=False,
+                                collate_fn=getattr(datamodule, "collate", None)):
             x = batch["x"][: max_samples - seen]
             feats.append(encoder_features(module, x.to(module.device)).cpu())
             labels.append(batch["label"][: len(x)])

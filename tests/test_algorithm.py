@@ -374,3 +374,23 @@ def test_medoids_cover_better_than_the_first_k():
     coverage = lambda keep: d.gather(1, keep[:, :, None].expand(8, 5, 60)).amin(1).sum(1)  # noqa: E731
     first = torch.arange(5).expand(8, 5)
     assert (coverage(A.medoids(d, 5)) < coverage(first)).all()
+
+
+def test_start_losses_batched_equals_loop():
+    """One pass over all M*B rows (row m*B + b: candidate m of input b) gives each candidate's loss as the
+    per-candidate passes do, and select_starts picks the same starts."""
+    m, b, d = 4, 5, 3
+    candidates = A.sphere_sample(m, b, dim=d, generator=torch.Generator().manual_seed(0))
+    target = A.sphere_sample(b, dim=d, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def loss_fn(z, target):
+        calls.append(len(z))
+        return (z - target).abs().sum(1)
+
+    loop = A.start_losses(lambda z: loss_fn(z, target), candidates)
+    batched = A.start_losses(lambda z: loss_fn(z, target.repeat(m, 1)), candidates, batched=True)
+    assert calls == [b] * m + [m * b]
+    torch.testing.assert_close(batched, loop)
+    chosen = A.select_starts(lambda z: loss_fn(z, target.repeat(m, 1)), candidates, batched=True)
+    assert torch.equal(chosen, A.select_starts(lambda z: loss_fn(z, target), candidates))

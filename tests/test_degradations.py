@@ -87,7 +87,7 @@ def test_downsample_keeps_size(rgb, scale, mode):
 
 @pytest.mark.parametrize("task,kwargs,channels", [
     ("completion", {"mask": "half"}, 4), ("completion", {"mask": "box"}, 4), ("completion", {"mask": "rects"}, 4),
-    ("completion", {"mask": "strokes"}, 4), ("denoise", {"noise_sigma": 0.3}, 3), ("superres", {"scale": 2}, 3),
+    ("completion", {"mask": "strokes"}, 4), ("completion", {"mask": "mixed"}, 4), ("denoise", {"noise_sigma": 0.3}, 3), ("superres", {"scale": 2}, 3),
     ("colorization", {}, 1), ("identity", {}, 3),
 ])
 def test_degrade_dispatch(rgb, task, kwargs, channels):
@@ -120,7 +120,7 @@ def test_apply_deterministic_tasks_are_vectorised():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"task": "inpaint"}, "data.task must be one of completion, denoise"),
-    ({"mask": "circle"}, "data.mask must be one of half, box, rects, strokes"),
+    ({"mask": "circle"}, "data.mask must be one of half, box, rects, strokes, mixed"),
     ({"mask_side": "middle"}, "data.mask_side must be top, bottom"),
     ({"mask_size": 0}, r"data.mask_size must be in \(0, 1\]"),
     ({"mask_count": 0}, "data.mask_count must be >= 1"),
@@ -137,3 +137,34 @@ def test_pop_from_leaves_other_keys():
     kwargs = {"task": "denoise", "noise_sigma": 0.1, "batch_size": 8}
     d = Degradation.pop_from(kwargs)
     assert (d.task, d.noise_sigma) == ("denoise", 0.1) and kwargs == {"batch_size": 8}
+
+
+def test_mixed_mask_is_strokes_plus_rectangles():
+    d = Degradation("completion", mask="mixed", mask_count=4, mask_size=0.3)
+    mixed = d.make_mask((32, 32), gen(5))
+    g = gen(5)                                                          # the same draws, in the same order
+    strokes = stroke_mask((32, 32), g, 4, d.stroke_width)
+    boxes = rect_mask((32, 32), g, 2, 0.3, 0.1)
+    assert torch.equal(mixed, torch.maximum(strokes, boxes)) and (boxes > strokes).any()
+    assert d.random and 0 < mixed.mean() < 0.9
+
+
+def test_sample_seed_per_draw():
+    """A training draw's seed depends on the epoch; the fixed seed (epoch None) is the seed of old."""
+    assert sample_seed(3, 5, 1) == ((3 * 1_000_003 + 1) * 1_000_000_007 + 5) % (2**63 - 1)
+    draws = {sample_seed(3, 5, 0, epoch) for epoch in range(50)}
+    assert len(draws) == 50 and sample_seed(3, 5, 0) not in draws
+    assert sample_seed(3, 5, 0, 2) == sample_seed(3, 5, 0, 2) != sample_seed(3, 6, 0, 2) != sample_seed(4, 5, 0, 2)
+
+
+def test_apply_seeded_matches_per_sample_generators():
+    y = torch.rand(4, 3, 12, 12, generator=gen(0))
+    seeds = [11, 12, 11, 2**62 + 5]
+    for d in (Degradation("completion", mask="strokes"), Degradation("denoise", noise_sigma=0.3)):
+        x = d.apply_seeded(y, seeds)
+        for i, s in enumerate(seeds):
+            assert torch.equal(x[i], d(y[i], gen(s)))
+        assert torch.equal(x, d.apply_seeded(y, torch.tensor(seeds)))
+    assert torch.equal(Degradation("colorization").apply_seeded(y, None), to_grayscale(y))
+    with pytest.raises(ValueError, match="3 seeds for 4 images"):
+        Degradation("denoise").apply_seeded(y, [1, 2, 3])

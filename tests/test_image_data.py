@@ -74,10 +74,16 @@ def make(cls, root, **kwargs):
     return dm
 
 
+def split_batch(dm, split: str) -> dict:
+    """Every sample of a split as one batch, as its loader would serve it (fixed degradation, no augmentation)."""
+    data = dm.splits[split]
+    return dm.collate([data[i] for i in range(len(data))])
+
+
 # ---- ImageFolderDataModule ----------------------------------------------------------------------------------------
 def test_image_folder_rgb_nested_completion(rgb_tree):
     dm = make(ImageFolderDataModule, rgb_tree, image_size=12, mask="box")
-    assert len(dm.files) == 12 and dm.files == sorted(dm.files)
+    assert len(dm.files) == 12 and list(dm.files) == sorted(dm.files)
     assert {p.suffix for p in dm.files} == {".png", ".jpg", ".webp", ".bmp"}
     info = dm.info()
     assert info["kind"] == "image" and info["mask_channel"] is True
@@ -94,8 +100,8 @@ def test_image_folder_rgb_nested_completion(rgb_tree):
 def test_image_folder_gray_channels_and_resize(rgb_tree):
     dm = make(ImageFolderDataModule, rgb_tree, channels=1, image_size=8, task="identity")
     assert dm.info()["x_shape"] == [1, 8, 8] and dm.info()["mask_channel"] is False
-    train = dm.splits["train"]
-    assert torch.equal(train.x, train.y)
+    train = split_batch(dm, "train")
+    assert torch.equal(train["x"], train["y"])
     rgb = ImageFolderDataModule(root=str(rgb_tree), image_size=None)               # gray files become 3 equal channels
     gray = rgb.read(next(p for p in dm.files if p.suffix == ".bmp"))
     assert gray.shape == (3, 16, 20) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
@@ -107,22 +113,27 @@ def test_image_folder_deterministic_order_splits_and_masks(rgb_tree):
     kw = dict(image_size=16, mask="strokes", split_seed=3)
     a, b = make(ImageFolderDataModule, rgb_tree, **kw), make(ImageFolderDataModule, rgb_tree, **kw)
     for split in ("train", "val", "test"):
-        assert torch.equal(a.splits[split].x, b.splits[split].x) and torch.equal(a.splits[split].y, b.splits[split].y)
-    # sample i of the sorted file list gets the mask seeded by (split_seed, i): fixed at setup, not per epoch
-    x, _ = a.load_arrays()
-    for i in (0, 5):
-        assert torch.equal(x[i, -1:], stroke_mask((16, 16), torch.Generator().manual_seed(sample_seed(3, i, 0))))
-    assert not torch.equal(x[0, -1], x[1, -1])
+        one, two = split_batch(a, split), split_batch(b, split)
+        assert all(torch.equal(one[k], two[k]) for k in ("x", "y", "index"))
+    # a plain row (val/test, or any DataLoader without the training sampler) gets the mask seeded by
+    # (split_seed, its position in the sorted file list): the same on every pass
+    for split in ("val", "train"):
+        batch, keys = split_batch(a, split), a.splits[split].keys
+        for row in (0, 1):
+            expected = stroke_mask((16, 16), torch.Generator().manual_seed(sample_seed(3, int(keys[row]), 0)))
+            assert torch.equal(batch["x"][row, -1:], expected)
+        assert not torch.equal(batch["x"][0, -1], batch["x"][1, -1])
     c = make(ImageFolderDataModule, rgb_tree, image_size=16, mask="strokes", split_seed=4)
-    assert not torch.equal(a.splits["val"].y, c.splits["val"].y)
+    assert not torch.equal(split_batch(a, "val")["y"], split_batch(c, "val")["y"])
 
 
 @pytest.mark.parametrize("task,x_channels", [("colorization", 1), ("denoise", 3), ("superres", 3)])
 def test_image_folder_tasks(rgb_tree, task, x_channels):
     dm = make(ImageFolderDataModule, rgb_tree, image_size=16, task=task, scale=4)
-    train = dm.splits["train"]
-    assert train.x.shape[1:] == (x_channels, 16, 16) and train.y.shape[1:] == (3, 16, 16)
-    assert train.x.min() >= 0 and train.x.max() <= 1 and not dm.info()["mask_channel"]
+    train = split_batch(dm, "train")
+    assert train["x"].shape[1:] == (x_channels, 16, 16) and train["y"].shape[1:] == (3, 16, 16)
+    assert train["x"].min() >= 0 and train["x"].max() <= 1 and not dm.info()["mask_channel"]
+    assert dm.info()["x_shape"] == [x_channels, 16, 16]
 
 
 def test_image_folder_max_images(rgb_tree):
@@ -131,16 +142,28 @@ def test_image_folder_max_images(rgb_tree):
 
 
 def test_corrupt_files_are_skipped_with_a_warning(rgb_tree):
+    """A file whose header does not read is dropped at setup; a truncated one (its header reads) is skipped when a
+    worker decodes it, and the next readable row stands in for that draw."""
     junk, truncated = write_corrupt(rgb_tree / "a")
-    with pytest.warns(UserWarning, match="skipping 2 unreadable image") as record:
-        dm = make(ImageFolderDataModule, rgb_tree, image_size=8)
-    message = str(record[0].message)
-    assert str(junk) in message and str(truncated) in message
-    assert len(dm.files) == 12 and junk not in dm.files and dm.info()["num_train_samples"] == 8
+    with pytest.warns(UserWarning, match="skipping 1 unreadable image") as record:
+        dm = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0)
+    assert str(junk) in str(record[0].message)
+    assert len(dm.files) == 13 and junk not in dm.files and truncated in dm.files
+    train = dm.splits["train"]
+    row = list(dm.files).index(truncated)                           # train rows = the sorted files here
+    with pytest.warns(UserWarning, match=rf"skipping unreadable image {truncated}"):
+        item = train[row]
+    assert item["index"] == row + 1                                 # the next row stands in, with its own index
+    with pytest.warns(UserWarning, match="skipping 1 unreadable image"):
+        fresh = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0)
+    with pytest.warns(UserWarning, match=rf"skipping unreadable image {truncated}"):
+        indices = torch.cat([batch["index"] for batch in fresh.train_dataloader()])   # a whole epoch: no crash
+    assert len(indices) == 13 and set(indices.tolist()) == set(range(13)) - {row}
 
 
 def test_all_corrupt_is_an_error(tmp_path):
-    write_corrupt(tmp_path)
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable images under .*all 2 file"):
         make(ImageFolderDataModule, tmp_path)
 
@@ -202,10 +225,11 @@ def test_paired_side_by_side(tmp_path):
     dm = make(PairedFolderDataModule, tmp_path, image_size=None)
     info = dm.info()
     assert info["x_shape"] == [3, 10, 12] and info["y_shape"] == [3, 10, 12] and not info["mask_channel"]
-    for split in dm.splits.values():
-        assert torch.allclose(split.y, 1 - split.x, atol=1e-6)         # x = A (left), y = B (right)
+    for split in dm.splits:
+        batch = split_batch(dm, split)
+        assert torch.allclose(batch["y"], 1 - batch["x"], atol=1e-6)  # x = A (left), y = B (right)
     flipped = make(PairedFolderDataModule, tmp_path, image_size=None, direction="BtoA")
-    assert torch.equal(flipped.splits["train"].x, dm.splits["train"].y)
+    assert torch.equal(split_batch(flipped, "train")["x"], split_batch(dm, "train")["y"])
     resized = make(PairedFolderDataModule, tmp_path, image_size=8, channels=1)
     assert resized.info()["x_shape"] == [1, 8, 8] == resized.info()["y_shape"]
 
@@ -220,8 +244,9 @@ def test_paired_folders_layout_matches_names(tmp_path):
     dm = make(PairedFolderDataModule, tmp_path, image_size=None)
     assert len(dm.files) == 5 and all(p.parent.parent.name == "A" for p in dm.files)
     assert dm.info()["x_shape"] == [3, 7, 9]
-    for split in dm.splits.values():
-        assert torch.allclose(split.y, 1 - split.x, atol=1e-6)
+    for split in dm.splits:
+        batch = split_batch(dm, split)
+        assert torch.allclose(batch["y"], 1 - batch["x"], atol=1e-6)
 
 
 def test_paired_size_mismatch_names_files_and_sizes(tmp_path):
@@ -298,7 +323,7 @@ def test_fmnist_reader_on_fake_files(tmp_path, no_debian, gz, layout):
         value = (dm.splits[split].y[:, 0, 0, 0] * 255).round().long()
         assert torch.equal(value % 10, dm.labels[split])
     assert not torch.equal(dm.splits["val"].y, FashionMNISTDataModule(data_dir=str(tmp_path), val_fraction=0.25,
-                                                                         split_seed=1).load_splits()["val"][1])
+                                                                         split_seed=1).load_datasets()["val"].y)
 
 
 def test_fmnist_options_on_fake_files(tmp_path, no_debian):
@@ -311,7 +336,12 @@ def test_fmnist_options_on_fake_files(tmp_path, no_debian):
     again.setup()
     other = FashionMNISTDataModule(data_dir=str(tmp_path), task="denoise", val_fraction=0.1)
     other.setup()
-    assert torch.equal(again.splits["train"].x, other.splits["train"].x)              # noise fixed per sample
+    assert again.info()["x_shape"] == [1, 28, 28]
+    for split in ("train", "val", "test"):                                            # noise fixed per plain row
+        assert torch.equal(again.splits[split][3]["x"], other.splits[split][3]["x"])
+    train = again.splits["train"]                                                     # and fresh per training draw
+    assert torch.equal(train[(3, 1, 7)]["x"], other.splits["train"][(3, 1, 7)]["x"])
+    assert not torch.equal(train[(3, 1, 7)]["x"], train[(3, 2, 7)]["x"])
 
 
 def test_fmnist_rejects_colorization():

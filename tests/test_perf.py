@@ -162,3 +162,85 @@ def test_bf16_mixed_precision_trains_cgml(toy_dm):
     trainer.fit(module, datamodule=toy_dm)
     assert module.latents.dtype == torch.float32 and not torch.equal(module.latents, before)
     assert torch.isfinite(module.latents).all()
+
+
+# ---- start selection: one decoder pass per candidate (loop) or one over all of them (batched) ----------------------
+@pytest.mark.parametrize("net", [{"name": "mlp", "width": 32, "depth": 2}, UNET_NET], ids=["mlp", "unet"])
+def test_batched_start_selection_picks_the_same_starts(net, toy_dm, digits_dm):
+    dm = toy_dm if net["name"] == "mlp" else digits_dm
+    modules = {}
+    for mode in ("loop", "batched"):
+        torch.manual_seed(0)
+        modules[mode] = CGMLModule(dm.info(), net, **SMALL, start_batching=mode)
+    loop, batched = modules["loop"], modules["batched"]
+    assert all(torch.equal(a, b) for a, b in zip(loop.state_dict().values(), batched.state_dict().values()))
+    batch = next(iter(dm.train_dataloader()))
+    x, y, index = batch["x"], batch["y"], batch["index"]
+    feats = tuple(f.detach() for f in loop.generator.encode(x))
+
+    # the losses of the same candidates, both ways: the same choice for every input
+    m, b = SMALL["start_candidates"] + 1, len(y)
+    candidates = A.sphere_sample(m, b, dim=SMALL["latent_dim"], generator=torch.Generator().manual_seed(1))
+    rows = torch.arange(b).repeat(m)
+    per_candidate = A.start_losses(loop.loss_fn(feats, y, x), candidates)
+    one_pass = A.start_losses(loop.loss_fn(tuple(f[rows] for f in feats), y[rows], x[rows]), candidates,
+                              batched=True)
+    torch.testing.assert_close(one_pass, per_candidate, rtol=1e-5, atol=1e-5)
+    assert torch.equal(one_pass.argmin(0), per_candidate.argmin(0))
+
+    # through the module setting: the same generator draws the same candidates, and the same z is chosen
+    z_loop = loop.initial_latents(feats, y, x, index, torch.Generator().manual_seed(2))
+    z_batched = batched.initial_latents(feats, y, x, index, torch.Generator().manual_seed(2))
+    assert torch.equal(z_batched, z_loop)
+
+
+def test_start_batching_setting(toy_dm):
+    net = {"name": "mlp", "width": 16, "depth": 2}
+    assert CGMLModule(toy_dm.info(), net, **SMALL).hparams.start_batching == "loop"     # today's CPU path
+    auto = CGMLModule(toy_dm.info(), net, **SMALL, start_batching="auto")
+    assert not auto.batched_starts(torch.device("cpu")) and auto.batched_starts(torch.device("cuda"))
+    assert CGMLModule(toy_dm.info(), net, **SMALL, start_batching="batched").batched_starts(torch.device("cpu"))
+    with pytest.raises(ValueError, match="model.start_batching"):
+        CGMLModule(toy_dm.info(), net, **SMALL, start_batching="sometimes")
+
+
+def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
+    """The GPU benchmark's every row, at smoke scale on a CPU: JSON and Markdown written, speeds positive, the
+    two ways of start selection agreeing. Its numbers are not checked: they mean something only on a GPU."""
+    import json
+
+    from cgml_lightning import gpu_bench
+
+    assert gpu_bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["device"] == "cpu" and report["torch"] == torch.__version__
+    rows = {(r["model"], r["size"], r["precision"]): r for r in report["rows"]}
+    assert set(rows) == {(m, s, p) for m in gpu_bench.MODELS for s in (64, 128) for p in gpu_bench.PRECISIONS}
+    for (model, size, precision), row in rows.items():
+        if precision.endswith("+compile"):                 # not run in --tiny: recorded as such
+            assert row["status"] in ("skipped", "unavailable") and row["note"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["train_samples_per_s"] > 0 and row["step_ratio_to_regressor"] > 0
+        assert row["sampling_samples_per_s"] > 0 if model == "cgml" else row["sampling_samples_per_s"] is None
+    starts = {(t["size"], t["precision"]): t for t in report["start_selection"]}
+    assert set(starts) == {(s, p) for s in (64, 128) for p in ("fp32", "bf16-mixed")}
+    assert all(starts[(s, "fp32")]["same_choice"] == 1.0 for s in (64, 128))
+    assert set(report["start_batching_choice"]) == {"64", "128"}
+    table = (tmp_path / "gpu_bench.md").read_text()
+    assert "Device: **cpu**" in table and "bf16-mixed+compile" in table
+
+
+def test_gpu_bench_records_compile_unavailable(tmp_path, monkeypatch):
+    """Where torch.compile cannot run, the compile rows say why instead of failing the run."""
+    import json
+
+    from cgml_lightning import gpu_bench
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    argv = ["--tiny", "--device", "cpu", "--compile", "on", "--precisions", "bf16-mixed+compile", "--sizes", "64",
+            "--out", str(tmp_path)]
+    assert gpu_bench.main(argv) == 0
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert [(r["model"], r["status"]) for r in rows] == [("cgml", "unavailable"), ("regressor", "unavailable")]
+    assert all("not supported" in r["note"] for r in rows)

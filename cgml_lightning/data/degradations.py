@@ -1,9 +1,10 @@
 """Degradations turn clean images y[C, H, W] in [0, 1] into conditional inputs x = degrade(y).
 
 Plain torch (PIL rasterises brush strokes). Masks are [1, H, W] with 1 = hidden; a completion input carries
-the mask as its last channel (`apply_mask`). Random degradations draw from an explicit `torch.Generator`;
-`Degradation.apply` seeds one per sample from (seed, stream, index), so a sample's x never changes between
-epochs or runs, which keeps the per-sample latent table meaningful.
+the mask as its last channel (`apply_mask`). Random degradations draw from an explicit `torch.Generator` seeded
+per sample by `sample_seed`: without an epoch the seed depends on (seed, stream, index) only, which gives
+validation and test inputs one fixed degradation; training draws add the epoch, so every draw of a sample gets
+its own mask or noise, and a resumed run or another DDP rank draws the same one for the same (index, epoch).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 TASKS = ("completion", "denoise", "superres", "colorization", "identity")
-MASKS = ("half", "box", "rects", "strokes")
+MASKS = ("half", "box", "rects", "strokes", "mixed")
 UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 LUMA = (0.299, 0.587, 0.114)                     # ITU-R BT.601 luminance weights
 
@@ -120,9 +121,13 @@ def downsample(y: Tensor, scale: int = 2, upsample: str = "bilinear") -> Tensor:
 
 
 # ---- configuration: which task, with which parameters ----------------------------------------------------------
-def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """A per-sample seed from (seed, stream, index); streams keep e.g. an official test file apart from train."""
-    return ((seed * 1_000_003 + stream) * 1_000_000_007 + index) % (2**63 - 1)
+def sample_seed(seed: int, index: int, stream: int = 0, epoch: int | None = None) -> int:
+    """A per-sample seed from (seed, stream, index), and the epoch for a training draw (None: the sample's one
+    fixed seed); streams keep e.g. an official test file apart from train."""
+    base = ((seed * 1_000_003 + stream) * 1_000_000_007 + index) % (2**63 - 1)
+    if epoch is None:
+        return base
+    return (base * 1_000_000_009 + 7919 * (epoch + 1)) % (2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,9 @@ class Degradation:
     """x = degrade(y) for one task; the datamodules take these fields as flat `data.*` keys.
 
     task: completion | denoise | superres | colorization | identity
-    completion: mask (half | box | rects | strokes), mask_side (half), mask_size (box side / largest rect side,
-      as a fraction of the image), mask_count (rects / strokes), stroke_width (fraction of min(H, W))
+    completion: mask (half | box | rects | strokes | mixed: strokes and rectangles together), mask_side (half),
+      mask_size (box side / largest rect side, as a fraction of the image), mask_count (rects / strokes; mixed draws
+      mask_count strokes and mask_count // 2 rectangles, at least one), stroke_width (fraction of min(H, W))
     denoise: noise_sigma.   superres: scale (integer factor), upsample (nearest | bilinear | bicubic)
     """
 
@@ -173,7 +179,7 @@ class Degradation:
 
     @property
     def random(self) -> bool:
-        return (self.task == "completion" and self.mask in ("rects", "strokes")) or (self.task == "denoise" and self.noise_sigma > 0)
+        return (self.task == "completion" and self.mask in ("rects", "strokes", "mixed")) or (self.task == "denoise" and self.noise_sigma > 0)
 
     def make_mask(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
         """The completion mask [1, H, W] for an image of shape [.., H, W]."""
@@ -183,7 +189,11 @@ class Degradation:
             return box_mask(shape, self.mask_size)
         if self.mask == "rects":
             return rect_mask(shape, generator, self.mask_count, self.mask_size, min(0.1, self.mask_size))
-        return stroke_mask(shape, generator, self.mask_count, self.stroke_width)
+        strokes = stroke_mask(shape, generator, self.mask_count, self.stroke_width)
+        if self.mask == "strokes":
+            return strokes
+        boxes = rect_mask(shape, generator, max(1, self.mask_count // 2), self.mask_size, min(0.1, self.mask_size))
+        return torch.maximum(strokes, boxes)
 
     def __call__(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """y [C, H, W] or [N, C, H, W] -> x; a batch shares one random mask (use `apply` for one per sample)."""
@@ -200,16 +210,24 @@ class Degradation:
     def apply(self, y: Tensor, seed: int = 0, stream: int = 0, first_index: int = 0) -> Tensor:
         """A whole image set y [N, C, H, W] -> x [N, C', H, W]; sample i draws from its own generator,
         seeded by sample_seed(seed, first_index + i, stream), so each x is fixed once and for all."""
+        seeds = [sample_seed(seed, first_index + i, stream) for i in range(len(y))] if self.random else None
+        return self.apply_seeded(y, seeds)
+
+    def apply_seeded(self, y: Tensor, seeds: list[int] | Tensor | None) -> Tensor:
+        """y [N, C, H, W] -> x [N, C', H, W], sample i drawing from a generator seeded by seeds[i] (one seed per
+        draw: see sample_seed); deterministic tasks ignore the seeds and run on the whole batch at once."""
         if y.dim() != 4:
             raise ValueError(f"expected images [N, C, H, W]; got shape {tuple(y.shape)}")
         if not self.random:
             return self(y)
+        seeds = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
+        if len(seeds) != len(y):
+            raise ValueError(f"apply_seeded: {len(seeds)} seeds for {len(y)} images")
         g = torch.Generator()
-        seed_for = lambda i: g.manual_seed(sample_seed(seed, first_index + i, stream))     # noqa: E731
         if self.task == "completion":
-            masks = torch.stack([self.make_mask(y.shape, seed_for(i)) for i in range(len(y))])        # [N, 1, H, W]
+            masks = torch.stack([self.make_mask(y.shape, g.manual_seed(s)) for s in seeds])       # [N, 1, H, W]
             return apply_mask(y, masks.to(y))
-        noise = torch.stack([torch.randn(y.shape[1:], generator=seed_for(i), dtype=y.dtype) for i in range(len(y))])
+        noise = torch.stack([torch.randn(y.shape[1:], generator=g.manual_seed(s), dtype=y.dtype) for s in seeds])
         return (y + self.noise_sigma * noise.to(y)).clamp(0, 1)
 
 

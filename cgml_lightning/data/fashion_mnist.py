@@ -3,7 +3,8 @@
 Looks in data_dir, data_dir/FashionMNIST/raw (torchvision's layout) and Debian's /usr/share/datasets/fashion-mnist
 (`apt-get install dataset-fashion-mnist`); `download=true` fetches the four files into data_dir.
 Official train/test split; val is carved from train with split_seed. Labels stay in `self.labels[split]` and
-ride in the batches as "label".
+ride in the batches as "label". Random degradations (rects, strokes, noise) are drawn per training draw and fixed
+per sample for val and test (see data/base.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from cgml_lightning.data.base import ArrayDataModule
+from cgml_lightning.data.base import ArrayDataModule, DegradedDataset, IndexedDataset
 from cgml_lightning.data.degradations import Degradation
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ class FashionMNISTDataModule(ArrayDataModule):
                              f"labels {labels.shape} in {files[f'{prefix}-labels-idx1-ubyte']}")
         return torch.from_numpy(images.copy()).float()[:, None] / 255.0, torch.from_numpy(labels.astype(np.int64))
 
-    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load_datasets(self) -> dict[str, Dataset]:
         self.prepare_data()                                 # a no-op unless download=true and the files are missing
         files = find_files(self.data_dir)
         if files is None:
@@ -145,10 +147,15 @@ class FashionMNISTDataModule(ArrayDataModule):
         log.info("Fashion-MNIST from %s", files["train-images-idx3-ubyte"].parent)
         (y_train, c_train), (y_test, c_test) = self.read("train", files), self.read("t10k", files)  # y: [N, 1, 28, 28]
         seed = self.split_seed
-        x_train = self.degradation.apply(y_train, seed, stream=0)                # fixed per sample: see degradations.py
-        x_test = self.degradation.apply(y_test, seed, stream=1)
         order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
         n_val = int(round(len(y_train) * self.val_fraction))
-        val, train = order[:n_val], order[n_val:].sort().values
-        self.labels = {"train": c_train[train], "val": c_train[val], "test": c_test}
-        return {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]), "test": (x_test, y_test)}
+        parts = {"train": order[n_val:].sort().values, "val": order[:n_val]}
+        if self.degradation.random:
+            # x drawn per item: per training draw, fixed per sample for val and test (seeded by the row in its file)
+            made = {k: DegradedDataset(y_train[idx], self.degradation, seed, 0, idx, c_train[idx]) for k, idx in parts.items()}
+            made["test"] = DegradedDataset(y_test, self.degradation, seed, 1, None, c_test)
+            return made
+        x_train, x_test = self.degradation.apply(y_train), self.degradation.apply(y_test)      # the same every draw
+        made = {k: IndexedDataset(x_train[idx], y_train[idx], c_train[idx]) for k, idx in parts.items()}
+        made["test"] = IndexedDataset(x_test, y_test, c_test)
+        return made

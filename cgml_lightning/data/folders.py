@@ -1,23 +1,43 @@
-"""Image folders with PIL: any folder of images becomes any task (data=image_folder), and pix2pix-style paired
-folders become translation (data=paired_folder). Files are read once, in sorted order, at setup; unreadable
-files are dropped with a warning before sample indices are assigned, and every other problem is an error
-at setup naming the file (never a crash inside a DataLoader worker)."""
+"""Image folders with PIL, read lazily: any folder of images becomes any task (data=image_folder), and pix2pix-style
+paired folders become translation (data=paired_folder).
+
+Setup lists the files in sorted order and reads only their headers (in threads): size, frames, and the alpha band of
+images that have one. Unreadable files are dropped with a warning before sample indices are assigned; a file that
+cannot serve as a sample (animated, fully transparent, smaller than 2x2, sizes that do not fit) is an error naming
+it. The datasets keep relative names in one compact table, never pixels, so memory does not grow with decoded
+images; each file's row of the latent table is its sorted position in the training split. DataLoader workers decode,
+resize, crop (randomly, and flip, in training when data.augment asks) and hand over uint8 tensors; the collate
+function turns them into the float batch {"x", "y", "index"} and draws the degradation. A file that turns out
+corrupt when a worker decodes it is skipped with a warning naming it: the next readable row stands in for that draw,
+and no other file changes row.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from cgml_lightning.data.base import ArrayDataModule
-from cgml_lightning.data.degradations import Degradation
+from cgml_lightning.data.base import SplitDataModule, draw_key, split_sizes
+from cgml_lightning.data.degradations import Degradation, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)   # what PIL raises on a bad file
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)   # what PIL raises on a bad file
+HEADER_THREADS = 8              # threads reading image headers at setup (file reads, mostly waiting on the disk)
+AUGMENT_STREAM = 3              # augmentations draw from their own stream of the draw's seed
+EXIF_ORIENTATION = 0x0112
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageDataError(ValueError):
@@ -33,13 +53,121 @@ def check_root(root: str | Path | None, key: str = "data.root") -> Path:
     return path
 
 
+# ---- listing: relative names and sizes, in sorted order, stored compactly --------------------------------------
+def walk_images(folder: str | Path) -> Iterator[tuple[str, int]]:
+    """(relative POSIX name, size in bytes) of each image file under folder, recursively, sorted by path parts
+    (the order of sorted Path objects), without building a list of every file first. Symlinked folders are
+    followed once each."""
+    seen: set[str] = set()
+
+    def visit(path: str, prefix: str) -> Iterator[tuple[str, int]]:
+        real = os.path.realpath(path)
+        if real in seen:
+            return
+        seen.add(real)
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                yield from visit(entry.path, f"{prefix}{entry.name}/")
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                yield f"{prefix}{entry.name}", entry.stat().st_size
+
+    yield from visit(str(folder), "")
+
+
+def no_images_error(folder: Path, key: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{key}: no images in {folder.resolve()} (looked recursively for "
+                             f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
+
+
 def list_images(folder: Path, key: str = "data.root") -> list[Path]:
     """Image files under folder, recursively, in sorted (deterministic) order; an error if there are none."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = [folder / name for name, _ in walk_images(folder)]
     if not files:
-        raise FileNotFoundError(f"{key}: no images in {folder.resolve()} (looked recursively for "
-                                f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
+        raise no_images_error(folder, key)
     return files
+
+
+class FileTable:
+    """Relative file names in one UTF-8 byte array with offsets, and their sizes in bytes: no Python object per
+    file, so a million names cost about their length plus 16 bytes each, and DataLoader workers share them."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, sizes: np.ndarray):
+        self.blob, self.offsets, self.sizes = blob, offsets, sizes
+
+    @classmethod
+    def build(cls, entries: Iterator[tuple[str, int]]) -> "FileTable":
+        blob, offsets, sizes = bytearray(), array("q", [0]), array("q")
+        for name, size in entries:
+            blob += name.encode("utf-8", "surrogateescape")
+            offsets.append(len(blob))
+            sizes.append(size)
+        return cls(np.frombuffer(bytes(blob), dtype=np.uint8), np.asarray(offsets, dtype=np.int64),
+                   np.asarray(sizes, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def name(self, i: int) -> str:
+        return self.blob[self.offsets[i]: self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.name(i) for i in range(len(self)))
+
+    def take(self, rows: np.ndarray) -> "FileTable":
+        """The table of the given rows, in their order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        return FileTable(self.blob[positions], offsets, self.sizes[rows])
+
+    def head(self, n: int | None) -> "FileTable":
+        return self if n is None or n >= len(self) else self.take(np.arange(n))
+
+    def update_hash(self, h: "hashlib._Hash") -> None:
+        """Names and sizes, in order, into a hash (the data fingerprint: no pixels read)."""
+        h.update(np.int64(len(self)).tobytes())
+        h.update(self.offsets.tobytes())
+        h.update(self.blob.tobytes())
+        h.update(self.sizes.tobytes())
+
+
+class FilePaths(Sequence):
+    """The files of a table as Paths under root (built on access)."""
+
+    def __init__(self, root: Path, table: FileTable):
+        self.root, self.table = root, table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.root / self.table.name(i)
+
+
+# ---- reading one image ------------------------------------------------------------------------------------------
+def inspect_image(path: str | Path) -> tuple[int, int]:
+    """(width, height) as the image will be decoded (after EXIF rotation), from its header: no pixels are decoded,
+    except the alpha band of images that have one. ImageDataError for an image that cannot be a sample (animated,
+    smaller than 2x2, fully transparent); what PIL raises (UNREADABLE) for a file it cannot read."""
+    with Image.open(path) as img:
+        w, h = img.size
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1 and img.format != "MPO":          # MPO: a camera JPEG whose first frame is the photograph
+            raise ImageDataError(f"{path}: an animated image ({frames} frames); use still images (e.g. save its "
+                                 "first frame as PNG)")
+        if "exif" in img.info and img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):   # rotated by 90 degrees
+            w, h = h, w
+        if w < 2 or h < 2:
+            raise ImageDataError(f"{path}: {w}x{h} pixels (W x H); images need at least 2x2")
+        if img.mode in ALPHA_MODES or "transparency" in img.info:
+            if img.convert("RGBA").getchannel("A").getextrema()[1] == 0:
+                raise ImageDataError(f"{path}: fully transparent (alpha 0 everywhere): no visible pixels")
+    return w, h
 
 
 def open_image(path: Path, channels: int) -> Image.Image:
@@ -52,87 +180,294 @@ def open_image(path: Path, channels: int) -> Image.Image:
         return img.convert("L" if channels == 1 else "RGB")
 
 
-def resize_crop(img: Image.Image, size: int | None) -> Image.Image:
-    """Resize the shorter side to `size`, then centre-crop to size x size (None: keep the image as it is)."""
-    if size is None:
-        return img
+def resize_crop(img: Image.Image, size: int | tuple[int, int] | None, scale: float = 1.0,
+                shift: tuple[float, float] | None = None) -> Image.Image:
+    """Resize so the image covers size (S for S x S, or (W, H); None: its own size) times scale, keeping its aspect
+    ratio, then crop to size: centred, or at shift = (fx, fy) in [0, 1) of the slack (a random crop)."""
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    tw, th = (w, h) if size is None else (size, size) if isinstance(size, int) else size
+    s = scale * max(tw / w, th / h)
+    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    if shift is None:
+        left, top = (nw - tw) // 2, (nh - th) // 2
+    else:
+        left, top = min(int(shift[0] * (nw - tw + 1)), nw - tw), min(int(shift[1] * (nh - th + 1)), nh - th)
+    return img.crop((left, top, left + tw, top + th))
 
 
 def to_tensor(img: Image.Image) -> Tensor:
     """PIL L/RGB -> float [C, H, W] in [0, 1]."""
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
+    return to_uint8(img).float() / 255.0
 
 
-def read_all(items: list, read: Callable, root: Path) -> tuple[list, list[Tensor]]:
-    """Apply read to each file (or pair of files); drop unreadable ones with one warning naming them, before any
-    sample index is assigned; an error if none are left. ImageDataError (a misfit, not a corrupt file) propagates."""
-    kept, images, bad = [], [], []
-    for item in items:
-        try:
-            images.append(read(item))
-            kept.append(item)
-        except ImageDataError:
-            raise
-        except UNREADABLE as err:
-            name = " / ".join(map(str, item)) if isinstance(item, tuple) else str(item)
-            bad.append(f"{name} ({type(err).__name__}: {err})")
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        warnings.warn(f"skipping {len(bad)} unreadable image(s) under {root}:\n  {shown}", stacklevel=2)
-    if not images:
-        raise ValueError(f"no readable images under {root}: all {len(items)} file(s) failed to decode")
-    return kept, images
+def to_uint8(img: Image.Image) -> Tensor:
+    """PIL L/RGB -> uint8 [C, H, W]."""
+    a = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(a[None].copy() if a.ndim == 2 else a.transpose(2, 0, 1).copy())
 
 
-def stack_same_size(images: list[Tensor], files: list[Path], what: str = "image") -> Tensor:
-    """[N, C, H, W]; an error naming the first file whose shape differs from the first one's."""
-    for img, path in zip(images, files):
-        if img.shape != images[0].shape:
-            raise ImageDataError(f"{path}: {what} shape {tuple(img.shape)} differs from {tuple(images[0].shape)} "
-                             f"({files[0]}); set data.image_size to resize every image to one size")
-    return torch.stack(images)
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation (data.augment.*): resize to crop_scale x the image size and crop a random image-size
+    window (1: centre crop, no randomness), and flip left-right with probability 1/2 (hflip). Validation and test
+    never augment."""
+
+    crop_scale: float = 1.0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.crop_scale, (int, float)) and 1 <= self.crop_scale <= 4):
+            raise ValueError(f"data.augment.crop_scale must be a number in [1, 4] (1: no random crop); got {self.crop_scale!r}")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"data.augment.hflip must be true or false; got {self.hflip!r}")
+
+    @classmethod
+    def parse(cls, value: Mapping | None) -> "Augment":
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise ValueError(f"data.augment must be a mapping with crop_scale and hflip; got {value!r}")
+        unknown = sorted(set(value) - {"crop_scale", "hflip"})
+        if unknown:
+            raise ValueError(f"data.augment: unknown key(s) {unknown}; known: crop_scale, hflip")
+        return cls(**{k: value[k] for k in value})
+
+    @property
+    def active(self) -> bool:
+        return self.crop_scale > 1 or self.hflip
 
 
-class FolderDataModule(ArrayDataModule):
-    """Shared by the folder datamodules: root and image checks, and splits that leave val/test non-empty."""
+def make_item(images: list[Image.Image], row: int, key: int, epoch: int | None, seed: int | None, fixed_seed: int,
+              size: tuple[int, int], augment: Augment | None, swap: bool = False) -> dict[str, Any]:
+    """A dataset item from the decoded image (or pair A, B) of a row: resized and cropped to size (W, H), with a
+    random crop and flip for a training draw (epoch not None) when augment asks, the same for A and B, as uint8.
+    "seed" is the draw's seed (per (seed, key, epoch) in training, (fixed_seed, key) otherwise); the collate
+    function draws the degradation from it."""
+    draw = sample_seed(fixed_seed, key) if epoch is None else sample_seed(seed, key, 0, epoch)
+    shift, flip, scale = None, False, 1.0
+    if epoch is not None and augment is not None and augment.active:
+        g = torch.Generator().manual_seed(sample_seed(draw, 0, AUGMENT_STREAM))
+        fx, fy, coin = torch.rand(3, generator=g).tolist()           # one draw for A and B: they stay aligned
+        scale, flip = augment.crop_scale, augment.hflip and coin < 0.5
+        shift = (fx, fy) if scale > 1 else None
+    out = []
+    for img in images:
+        img = resize_crop(img, size, scale, shift)
+        out.append(to_uint8(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img))
+    if len(out) == 1:
+        return {"y": out[0], "index": row, "seed": draw}
+    a, b = out[::-1] if swap else out
+    return {"x": a, "y": b, "index": row, "seed": draw}
+
+
+def split_pair(img: Image.Image, name: str) -> list[Image.Image]:
+    """An A|B image as its halves [A, B]."""
+    w, h = img.size
+    if w % 2:
+        raise ImageDataError(f"{name}: an A|B image needs an even width; got {w}x{h} (W x H)")
+    return [img.crop((0, 0, w // 2, h)), img.crop((w // 2, 0, w, h))]
+
+
+class ImageFileDataset(Dataset):
+    """One split of an image folder: relative names (FileTable), each row's key (its position in the sorted file
+    list, which seeds its fixed degradation), and how to read it. Items are uint8: {"y", "index", "seed"} for a
+    single image (the collate function degrades y with the seed), {"x", "y", "index", "seed"} for a pair."""
+
+    def __init__(self, root: str | Path, names: FileTable, keys: np.ndarray, size: tuple[int, int], channels: int,
+                 fixed_seed: int = 0, names_b: FileTable | None = None, side_by_side: bool = False,
+                 swap: bool = False, augment: Augment | None = None):
+        self.root, self.names, self.names_b, self.keys = str(root), names, names_b, np.asarray(keys, dtype=np.int64)
+        self.size, self.channels, self.fixed_seed = tuple(size), channels, fixed_seed
+        self.side_by_side, self.swap, self.augment = side_by_side, swap, augment
+        self.label = None
+        self.skipped: set[int] = set()                 # rows found unreadable by this copy (one per worker)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.names.name(i))
+
+    def describe(self, i: int) -> str:
+        return self.path(i) if self.names_b is None else f"{self.path(i)} / {os.path.join(self.root, self.names_b.name(i))}"
+
+    def decode(self, i: int) -> list[Image.Image]:
+        """The image, or the pair (A, B), of row i, decoded: one or two PIL images of the same size."""
+        if self.names_b is not None:
+            a, b = open_image(self.path(i), self.channels), open_image(os.path.join(self.root, self.names_b.name(i)), self.channels)
+            if a.size != b.size:
+                raise ImageDataError(f"{self.describe(i)}: A and B differ in size ({a.size[0]}x{a.size[1]} vs "
+                                     f"{b.size[0]}x{b.size[1]}, W x H)")
+            return [a, b]
+        img = open_image(self.path(i), self.channels)
+        return split_pair(img, self.path(i)) if self.side_by_side else [img]
+
+    def load(self, i: int, epoch: int | None, seed: int | None) -> dict[str, Any]:
+        return make_item(self.decode(i), i, int(self.keys[i]), epoch, seed, self.fixed_seed, self.size,
+                         self.augment, self.swap)
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        row, epoch, seed = draw_key(key)
+        n = len(self)
+        for step in range(n):
+            i = (row + step) % n
+            if i in self.skipped:
+                continue
+            try:
+                return self.load(i, epoch, seed)
+            except UNREADABLE as err:                   # ImageDataError too: the file changed since setup
+                self.skipped.add(i)
+                warnings.warn(f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err}); "
+                              "the next readable image stands in for it", stacklevel=2)
+        raise RuntimeError(f"no readable image left under {self.root}: all {n} file(s) of this split failed to decode")
+
+
+class ImageBatch:
+    """collate_fn of the folder datamodules: uint8 items -> the float batch {"x", "y", "index"} in [0, 1]; a single
+    image's x is degradation(y), each item drawing from its own seed (fresh per training draw, fixed otherwise)."""
+
+    def __init__(self, degradation: Degradation | None):
+        self.degradation = degradation
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Tensor]:
+        items = [item for item in items if item is not None]       # a streamed sample that failed to decode
+        if not items:
+            raise RuntimeError("a whole batch of images failed to decode (see the warnings above naming them)")
+        y = torch.stack([item["y"] for item in items]).float().div_(255)
+        index = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        if self.degradation is None:
+            x = torch.stack([item["x"] for item in items]).float().div_(255)
+        else:
+            x = self.degradation.apply_seeded(y, [item["seed"] for item in items])
+        return {"x": x, "y": y, "index": index}
+
+
+# ---- the datamodules ----------------------------------------------------------------------------------------------
+class FolderDataModule(SplitDataModule):
+    """Shared by the folder datamodules: listing, header checks, splits (each non-zero split takes at least one
+    image) and the lazy datasets. Subclasses list their samples (`list_samples`) and say what an item is."""
 
     kind = "image"
 
     def __init__(self, root: str | None = None, channels: int = 3, image_size: int | None = 64,
-                 max_images: int | None = None, **kwargs):
+                 max_images: int | None = None, augment: Mapping | None = None, **kwargs):
         super().__init__(**kwargs)
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB); got {channels!r}")
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"data.image_size must be a positive number of pixels or null; got {image_size!r}")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 2):
+            raise ValueError(f"data.image_size must be a positive number of pixels (at least 2) or null; got {image_size!r}")
         self.root, self.channels, self.image_size, self.max_images = root, channels, image_size, max_images
-        self.files: list[Path] = []        # the file(s) behind each sample, in sample order (before the split)
+        self.augment = Augment.parse(augment)
+        self.tables: tuple[FileTable, ...] = ()     # the file(s) behind each kept sample, in sample order
+        self.size: tuple[int, int] | None = None    # (W, H) of every sample
+        self._fingerprint = ""
 
-    def read(self, path: Path) -> Tensor:
-        return to_tensor(resize_crop(open_image(path, self.channels), self.image_size))
+    # subclasses
+    def list_samples(self, root: Path) -> tuple[FileTable, ...]:
+        raise NotImplementedError
 
-    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        x, y = self.load_arrays()
-        n = len(x)
-        sizes = [max(1, round(n * f)) if f > 0 else 0 for f in (self.val_fraction, self.test_fraction)]
-        if n - sum(sizes) < 1:
-            raise ValueError(f"{self.root}: {n} image(s) are too few for val_fraction={self.val_fraction} and "
-                             f"test_fraction={self.test_fraction} (each non-zero split takes at least one image)")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        parts = {"val": order[: sizes[0]], "test": order[sizes[0]: sum(sizes)], "train": order[sum(sizes):].sort().values}
-        return {k: (x[idx], y[idx]) for k, idx in parts.items()}
+    def check_sample(self, paths: list[str], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        """(W, H) of a sample from its files' header sizes; ImageDataError when they do not fit together."""
+        return sizes[0]
+
+    def dataset_options(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def files(self) -> FilePaths:
+        """The (first) file of each kept sample, in sample order (before the split), as Paths."""
+        self.setup()
+        return FilePaths(check_root(self.root), self.tables[0])
+
+    def inspect(self, root: Path, tables: tuple[FileTable, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Headers of every sample in threads: (rows kept, their (W, H) [n, 2]); unreadable files are dropped with
+        one warning naming them, any misfit is an ImageDataError naming the file."""
+        n = len(tables[0])
+
+        def check(i: int):
+            paths = [os.path.join(root, t.name(i)) for t in tables]
+            sizes = []
+            for p in paths:
+                try:
+                    sizes.append(inspect_image(p))
+                except ImageDataError:
+                    raise
+                except UNREADABLE as err:
+                    return f"{p} ({type(err).__name__}: {err})"
+            return self.check_sample(paths, sizes)
+
+        sizes = np.zeros((n, 2), dtype=np.int64)
+        kept = np.zeros(n, dtype=bool)
+        bad: list[str] = []
+        with ThreadPool(HEADER_THREADS) as pool:
+            for i, result in enumerate(pool.imap(check, range(n), chunksize=64)):
+                if isinstance(result, str):
+                    bad.append(result)
+                else:
+                    kept[i], sizes[i] = True, result
+        if bad:
+            shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            warnings.warn(f"skipping {len(bad)} unreadable image(s) under {root}:\n  {shown}", stacklevel=3)
+        if not kept.any():
+            raise ValueError(f"no readable images under {root}: all {n} file(s) failed to decode")
+        rows = np.flatnonzero(kept)
+        return rows, sizes[rows]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        root = check_root(self.root)
+        tables = tuple(t.head(self.max_images) for t in self.list_samples(root))
+        rows, sizes = self.inspect(root, tables)
+        tables = tuple(t.take(rows) for t in tables)
+        if self.image_size is None:
+            different = np.flatnonzero((sizes != sizes[0]).any(1))
+            if len(different):
+                i, c = different[0], self.channels
+                what = "image" if len(tables) == 1 and not self.dataset_options().get("side_by_side") else "A|B pair"
+                raise ImageDataError(f"{root / tables[0].name(i)}: {what} shape {(c, int(sizes[i][1]), int(sizes[i][0]))} "
+                                     f"differs from {(c, int(sizes[0][1]), int(sizes[0][0]))} ({root / tables[0].name(0)}); "
+                                     "set data.image_size to resize every image to one size")
+            self.size = (int(sizes[0][0]), int(sizes[0][1]))
+        else:
+            self.size = (self.image_size, self.image_size)
+        n = len(rows)
+        n_val, n_test = split_sizes(n, self.val_fraction, self.test_fraction, str(self.root), "image")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).numpy()
+        parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": np.sort(order[n_val + n_test:])}
+        if self.max_train_samples is not None:
+            parts["train"] = parts["train"][: self.max_train_samples]
+        h = hashlib.sha256()
+        for t in tables:
+            t.take(parts["train"]).update_hash(h)
+        self.tables, self._fingerprint = tables, h.hexdigest()[:16]
+        self.splits = {k: self.make_dataset(root, rows_, train=k == "train") for k, rows_ in parts.items()}
+
+    def make_dataset(self, root: Path, rows: np.ndarray, train: bool) -> ImageFileDataset:
+        names = [t.take(rows) for t in self.tables]
+        return ImageFileDataset(root, names[0], rows, self.size, self.channels, self.split_seed,
+                                names_b=names[1] if len(names) > 1 else None,
+                                augment=self.augment if train else None, **self.dataset_options())
+
+    def shapes(self) -> tuple[list[int], list[int]]:
+        """(x_shape, y_shape), from the sample size and the task: nothing is decoded."""
+        w, h = self.size
+        return [self.channels, h, w], [self.channels, h, w]
+
+    def info(self) -> dict[str, Any]:
+        """What a module needs to build its nets and latent table: plain containers only."""
+        self.setup()
+        x_shape, y_shape = self.shapes()
+        return {"kind": self.kind, "x_shape": x_shape, "y_shape": y_shape, "num_train_samples": len(self.splits["train"]),
+                "mask_channel": self.mask_channel, "fingerprint": self._fingerprint}
 
 
 class ImageFolderDataModule(FolderDataModule):
     """data=image_folder: every image under data.root (recursive; grey or RGB via data.channels), resized on its
-    shorter side to data.image_size and centre-cropped, becomes y; x = degrade(y) for data.task."""
+    shorter side to data.image_size and centre-cropped (randomly cropped and flipped in training per data.augment),
+    becomes y; x = degrade(y) for data.task, drawn afresh per training draw and fixed per sample for val/test."""
 
     def __init__(self, root: str | None = None, **kwargs):
         self.degradation = Degradation.pop_from(kwargs)
@@ -140,19 +475,29 @@ class ImageFolderDataModule(FolderDataModule):
         self.mask_channel = self.degradation.mask_channel
         if self.degradation.task == "colorization" and self.channels != 3:
             raise ValueError(f"data.task=colorization needs data.channels=3 (RGB targets); got {self.channels}")
+        self.collate = ImageBatch(self.degradation)
 
-    def load_arrays(self) -> tuple[Tensor, Tensor]:
-        root = check_root(self.root)
-        files = list_images(root)[: self.max_images]
-        self.files, images = read_all(files, self.read, root)
-        y = stack_same_size(images, self.files)                                     # [N, C, H, W]
-        return self.degradation.apply(y, self.split_seed), y
+    def list_samples(self, root: Path) -> tuple[FileTable, ...]:
+        table = FileTable.build(walk_images(root))
+        if not len(table):
+            raise no_images_error(root, "data.root")
+        return (table,)
+
+    def shapes(self) -> tuple[list[int], list[int]]:
+        w, h = self.size
+        x = self.degradation(torch.zeros(1, self.channels, h, w), torch.Generator().manual_seed(0))
+        return list(x.shape[1:]), [self.channels, h, w]
+
+    def read(self, path: Path) -> Tensor:
+        """One image as the datasets serve it for evaluation (centre crop), float [C, H, W] in [0, 1]."""
+        return to_tensor(resize_crop(open_image(path, self.channels), self.image_size))
 
 
 class PairedFolderDataModule(FolderDataModule):
     """data=paired_folder, image-to-image translation with x = A, y = B (direction=BtoA swaps them). data.root holds
     either A|B images side by side (pix2pix: each image is split in half across its width), or subfolders A/ and
-    B/ with matching file names (extension aside). layout: auto | side_by_side | folders."""
+    B/ with matching file names (extension aside). layout: auto | side_by_side | folders. A training draw crops and
+    flips A and B alike."""
 
     def __init__(self, root: str | None = None, layout: str = "auto", direction: str = "AtoB", **kwargs):
         super().__init__(root=root, **kwargs)
@@ -161,47 +506,51 @@ class PairedFolderDataModule(FolderDataModule):
         if direction not in ("AtoB", "BtoA"):
             raise ValueError(f"data.direction must be AtoB or BtoA; got {direction!r}")
         self.layout, self.direction = layout, direction
+        self.side_by_side = True
+        self.collate = ImageBatch(None)
 
-    def read_side_by_side(self, path: Path) -> Tensor:
-        img = open_image(path, self.channels)
-        w, h = img.size
-        if w % 2:
-            raise ImageDataError(f"{path}: an A|B image needs an even width to split in half; got {w}x{h} (W x H)")
-        a, b = img.crop((0, 0, w // 2, h)), img.crop((w // 2, 0, w, h))
-        return torch.stack([self.read_half(a), self.read_half(b)])                    # [2, C, H, W]
+    def dataset_options(self) -> dict[str, Any]:
+        return {"side_by_side": self.side_by_side, "swap": self.direction == "BtoA"}
 
-    def read_half(self, img: Image.Image) -> Tensor:
-        return to_tensor(resize_crop(img, self.image_size))
-
-    def read_pair(self, pair: tuple[Path, Path]) -> Tensor:
-        a, b = (open_image(p, self.channels) for p in pair)
-        if a.size != b.size:
-            raise ImageDataError(f"{pair[0]} and {pair[1]}: A and B differ in size ({a.size[0]}x{a.size[1]} vs "
-                             f"{b.size[0]}x{b.size[1]}, W x H); a pair must be pixel-aligned")
-        return torch.stack([self.read_half(a), self.read_half(b)])
-
-    def pairs(self, root: Path) -> list[tuple[Path, Path]]:
-        """(A file, B file) for each name in A/, matched by relative path without extension."""
-        sides = [{p.relative_to(root / s).with_suffix(""): p for p in list_images(root / s, f"data.root/{s}")}
-                 for s in ("A", "B")]
-        only = [(s, sorted(set(sides[i]) - set(sides[1 - i]))) for i, s in enumerate("AB")]
-        if any(names for _, names in only):
-            detail = "; ".join(f"only in {s}/: {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}"
-                               for s, names in only if names)
-            raise ValueError(f"{root}: A/ and B/ must hold the same file names (extension aside); {detail}")
-        return [(sides[0][k], sides[1][k]) for k in sorted(sides[0])]
-
-    def load_arrays(self) -> tuple[Tensor, Tensor]:
-        root = check_root(self.root)
+    def list_samples(self, root: Path) -> tuple[FileTable, ...]:
         folders = (root / "A").is_dir() and (root / "B").is_dir()
         if self.layout == "folders" and not folders:
             raise FileNotFoundError(f"data.layout=folders needs subfolders A/ and B/ in {root.resolve()}")
-        if self.layout == "folders" or (self.layout == "auto" and folders):
-            items, read = self.pairs(root)[: self.max_images], self.read_pair
-        else:
-            items, read = list_images(root)[: self.max_images], self.read_side_by_side
-        kept, pairs = read_all(items, read, root)
-        self.files = [p if isinstance(p, Path) else p[0] for p in kept]
-        ab = stack_same_size(pairs, self.files, "A|B pair")                           # [N, 2, C, H, W]
-        a, b = ab[:, 0], ab[:, 1]
-        return (a, b) if self.direction == "AtoB" else (b, a)
+        self.side_by_side = not (self.layout == "folders" or (self.layout == "auto" and folders))
+        if self.side_by_side:
+            table = FileTable.build(walk_images(root))
+            if not len(table):
+                raise no_images_error(root, "data.root")
+            return (table,)
+        return pair_tables(root)
+
+    def check_sample(self, paths: list[str], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        if self.side_by_side:
+            w, h = sizes[0]
+            if w % 2 or w < 4:
+                raise ImageDataError(f"{paths[0]}: an A|B image needs an even width to split in half"
+                                     f"{' (and halves of at least 2x2)' if w < 4 else ''}; got {w}x{h} (W x H)")
+            return w // 2, h
+        (aw, ah), (bw, bh) = sizes
+        if (aw, ah) != (bw, bh):
+            raise ImageDataError(f"{paths[0]} and {paths[1]}: A and B differ in size ({aw}x{ah} vs {bw}x{bh}, "
+                                 "W x H); a pair must be pixel-aligned")
+        return aw, ah
+
+
+def pair_tables(root: Path) -> tuple[FileTable, FileTable]:
+    """(A files, B files) matched by relative name without extension, in sorted order of those names; an error
+    listing names found on one side only."""
+    sides = []
+    for s in ("A", "B"):
+        found = {os.path.splitext(name)[0]: (f"{s}/{name}", size) for name, size in walk_images(root / s)}
+        if not found:
+            raise no_images_error(root / s, f"data.root/{s}")
+        sides.append(found)
+    only = [(s, sorted(set(sides[i]) - set(sides[1 - i]))) for i, s in enumerate("AB")]
+    if any(names for _, names in only):
+        detail = "; ".join(f"only in {s}/: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                           for s, names in only if names)
+        raise ValueError(f"{root}: A/ and B/ must hold the same file names (extension aside); {detail}")
+    stems = sorted(sides[0], key=lambda stem: stem.split("/"))
+    return FileTable.build(sides[0][k] for k in stems), FileTable.build(sides[1][k] for k in stems)

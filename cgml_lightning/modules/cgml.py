@@ -28,7 +28,7 @@ class CGMLModule(ConditionalModule):
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
                  clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, start_batching: str = "loop"):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
         self.save_hyperparameters()
@@ -42,6 +42,8 @@ class CGMLModule(ConditionalModule):
         # One z per training example, on the sphere. A frozen Parameter, not a buffer: DDP re-broadcasts
         # buffers from rank 0 on every forward, which would overwrite rows other ranks just wrote.
         self.latents = nn.Parameter(A.sphere_sample(n, dim=latent_dim), requires_grad=False)
+        if start_batching not in ("auto", "loop", "batched"):
+            raise ValueError(f"model.start_batching must be auto, loop or batched; got {start_batching!r}")
         if sample_starts not in ("sphere", "table"):
             raise ValueError(f"model.sample_starts must be sphere or table; got {sample_starts!r}")
         if sample_starts == "table":
@@ -71,7 +73,16 @@ class CGMLModule(ConditionalModule):
         if hp.start_candidates <= 0:
             return warm
         candidates = torch.cat([warm[None], sphere(hp.start_candidates, b)])            # [M+1, B, d]
-        return A.select_starts(self.loss_fn(feats, y, x), candidates)
+        if not self.batched_starts(y.device):
+            return A.select_starts(self.loss_fn(feats, y, x), candidates)
+        rows = torch.arange(b, device=y.device).repeat(len(candidates))                 # row m*B + b -> input b
+        return A.select_starts(self.loss_fn(repeat_feats(feats, rows), y[rows], x[rows]), candidates, batched=True)
+
+    def batched_starts(self, device: torch.device) -> bool:
+        """Whether start selection decodes all candidates in one pass (batched) or one candidate per pass (loop);
+        auto: batched on CUDA, where larger kernels pay, loop elsewhere."""
+        mode = self.hparams.start_batching
+        return mode == "batched" or (mode == "auto" and device.type == "cuda")
 
     def loss_fn(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor) -> Callable[[Tensor], Tensor]:
         return lambda z: self.distance(self.generator.decode(feats, z), y, x)

@@ -1,0 +1,283 @@
+"""data=streaming: train from Lightning's litdata chunks, on local disk or in a bucket (s3://...), with litdata's own
+DDP / multi-node sharding. Needs the `streaming` extra and litdata itself (docs/data.md: `pip install --no-deps
+litdata`, because litdata's wheel names torchvision, which this package neither needs nor installs).
+
+Convert an image folder (or a paired folder) once:
+
+    python -m cgml_lightning.data.streaming convert --root DIR --out OUT [--paired] [--val-fraction 0.05 ...]
+
+OUT gets train/, val/ and test/ (litdata's chunks; the split of data=image_folder with the same fractions and
+split_seed) and cgml.json (the split sizes, the training fingerprint). Each item stores the file's encoded bytes,
+its relative name, its row in its split and its position in the sorted file list, as bytes, str and int only:
+nothing is pickled, and a dataset whose chunks declare any other format is refused. Then train with
+`data=streaming data.input_dir=OUT` (or s3://bucket/OUT once uploaded): workers decode, crop and degrade exactly as
+data=image_folder does, so a streamed sample equals the folder's (row for row, draw for draw).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from cgml_lightning.data.base import SplitDataModule
+from cgml_lightning.data.degradations import Degradation
+from cgml_lightning.data.folders import (UNREADABLE, Augment, ImageBatch, ImageFolderDataModule,
+                                         PairedFolderDataModule, make_item, open_image, split_pair)
+
+MANIFEST = "cgml.json"
+FORMAT = "cgml-streaming-1"
+SPLITS = ("train", "val", "test")
+SAFE_FORMATS = {"int", "str", "bytes"}             # what the items hold: litdata's plain serializers, no pickle
+INSTALL_HINT = ("data=streaming needs litdata: pip install 'cgml-lightning[streaming]' && pip install --no-deps "
+                "litdata (see docs/data.md)")
+
+
+def require_litdata():
+    try:
+        import litdata
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+    return litdata
+
+
+# ---- convert ------------------------------------------------------------------------------------------------------
+def encode_item(row_key_names: tuple[int, int, str, str], root: str) -> dict[str, Any]:
+    """One stored item: the file's (or the pair's) encoded bytes as they are on disk, never decoded pixels."""
+    row, key, name_a, name_b = row_key_names
+    with open(os.path.join(root, name_a), "rb") as f:
+        a = f.read()
+    b = b""
+    if name_b:
+        with open(os.path.join(root, name_b), "rb") as f:
+            b = f.read()
+    return {"index": row, "key": key, "name": name_a, "a": a, "b": b}
+
+
+def convert(root: str | Path, out: str | Path, paired: bool = False, layout: str = "auto", val_fraction: float = 0.05,
+            test_fraction: float = 0.05, split_seed: int = 0, max_images: int | None = None, num_workers: int = 1,
+            chunk_bytes: str = "64MB") -> dict[str, Any]:
+    """Write OUT/{train,val,test} (litdata chunks) and OUT/cgml.json from an image folder; returns the manifest.
+    The folder is listed and split exactly as data=image_folder (or data=paired_folder) lists and splits it."""
+    litdata = require_litdata()
+    options = dict(root=str(root), val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+                   max_images=max_images, num_workers=0)
+    folder = PairedFolderDataModule(layout=layout, **options) if paired else ImageFolderDataModule(**options)
+    folder.setup()
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split in SPLITS:
+        data = folder.splits[split]
+        sizes[split] = len(data)
+        if not len(data):
+            continue
+        inputs = [(row, int(data.keys[row]), data.names.name(row), data.names_b.name(row) if data.names_b else "")
+                  for row in range(len(data))]
+        litdata.optimize(fn=functools.partial(encode_item, root=str(folder.root)), inputs=inputs,
+                         output_dir=str(out / split), chunk_bytes=chunk_bytes, num_workers=num_workers,
+                         mode="overwrite", verbose=False)
+    manifest = {"format": FORMAT, "paired": paired, "side_by_side": bool(paired and folder.side_by_side),
+                "splits": sizes, "fingerprint": folder.info()["fingerprint"], "split_seed": split_seed,
+                "val_fraction": val_fraction, "test_fraction": test_fraction, "source": str(Path(root).resolve())}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ---- read ---------------------------------------------------------------------------------------------------------
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("local:")
+
+
+def fetch_json(input_dir: str, relative: str, storage_options: dict | None) -> dict[str, Any]:
+    """A small JSON file of the converted dataset: read in place, or fetched with litdata's own downloader."""
+    if not is_remote(input_dir):
+        path = Path(input_dir).expanduser() / relative
+        if not path.is_file():
+            raise FileNotFoundError(f"data.input_dir: no {relative} in {Path(input_dir).expanduser().resolve()}; "
+                                    "make it with: python -m cgml_lightning.data.streaming convert --root DIR --out OUT")
+        return json.loads(path.read_text())
+    require_litdata()
+    from litdata.streaming.downloader import get_downloader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(relative))
+        get_downloader(input_dir, tmp, [], storage_options).download_file(f"{input_dir.rstrip('/')}/{relative}", local)
+        with open(local) as f:
+            return json.load(f)
+
+
+def check_safe_formats(input_dir: str, split: str, storage_options: dict | None) -> None:
+    """Refuse chunks whose items are anything but int, str and bytes (litdata would unpickle a 'pickle' field)."""
+    index = fetch_json(input_dir, f"{split}/index.json", storage_options)
+    formats = set(index.get("config", {}).get("data_format") or [])
+    if not formats or not formats <= SAFE_FORMATS:
+        raise ValueError(f"data.input_dir={input_dir}: {split}/index.json declares item formats {sorted(formats)}; "
+                         f"only {sorted(SAFE_FORMATS)} (what the convert command writes) are read, never pickled objects")
+
+
+def streaming_dataset_class():
+    """StreamingDataset whose items are decoded, cropped and made into the folder datasets' uint8 items; a training
+    draw uses litdata's epoch counter (restored with its loader's state on resume)."""
+    from litdata import StreamingDataset
+
+    class ImageStreamingDataset(StreamingDataset):
+        def __init__(self, input_dir: str, reader: dict[str, Any], train: bool, **kwargs):
+            super().__init__(input_dir, shuffle=train, **kwargs)
+            self.reader, self.train = reader, train
+            self.label = None                                    # no class labels
+
+        def __getitem__(self, index):
+            raw = super().__getitem__(index)
+            r = self.reader
+            try:
+                img = open_image(io.BytesIO(raw["a"]), r["channels"])
+                if raw["b"]:
+                    images = [img, open_image(io.BytesIO(raw["b"]), r["channels"])]
+                elif r["side_by_side"]:
+                    images = split_pair(img, raw["name"])
+                else:
+                    images = [img]
+            except UNREADABLE as err:
+                warnings.warn(f"skipping unreadable image {raw['name']} in {self.input_dir.url or self.input_dir.path} "
+                              f"({type(err).__name__}: {err})", stacklevel=2)
+                return None                                      # the collate function drops it
+            epoch = self.current_epoch - 1 if self.train else None       # litdata counts epochs from 1
+            return make_item(images, int(raw["index"]), int(raw["key"]), epoch, r["seed"], r["fixed_seed"], r["size"],
+                             r["augment"] if self.train else None, r["swap"])
+
+    return ImageStreamingDataset
+
+
+class NoItems(list):
+    """An empty split (a converted folder without val or test)."""
+
+    label = None
+
+
+class StreamingDataModule(SplitDataModule):
+    """data=streaming: the output of `python -m cgml_lightning.data.streaming convert` (local folder or s3:// URL),
+    served as data=image_folder / data=paired_folder serve the folder it came from. Unpaired data takes the task
+    keys (task, mask, ...); paired data takes direction. image_size is required (one size for every sample)."""
+
+    kind = "image"
+
+    def __init__(self, input_dir: str | None = None, channels: int = 3, image_size: int = 64, direction: str = "AtoB",
+                 augment: Mapping | None = None, cache_dir: str | None = None, max_cache_size: str = "50GB",
+                 storage_options: Mapping | None = None, **kwargs):
+        self.degradation = Degradation.pop_from(kwargs)
+        super().__init__(**kwargs)
+        if input_dir is None or str(input_dir) in ("", "???"):
+            raise ValueError("data.input_dir is required: the output folder (or s3:// URL) of "
+                             "python -m cgml_lightning.data.streaming convert")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB); got {channels!r}")
+        if not isinstance(image_size, int) or image_size < 2:
+            raise ValueError(f"data.image_size must be a number of pixels (at least 2); got {image_size!r}")
+        if direction not in ("AtoB", "BtoA"):
+            raise ValueError(f"data.direction must be AtoB or BtoA; got {direction!r}")
+        if self.max_train_samples is not None:
+            raise ValueError("data=streaming: max_train_samples is not supported (convert with --max-images instead)")
+        self.input_dir, self.channels, self.image_size, self.direction = str(input_dir), channels, image_size, direction
+        self.augment = Augment.parse(augment)
+        self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
+        self.storage_options = dict(storage_options or {})
+        self.manifest: dict[str, Any] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        require_litdata()
+        manifest = fetch_json(self.input_dir, MANIFEST, self.storage_options)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"data.input_dir={self.input_dir}: {MANIFEST} has format {manifest.get('format')!r}, "
+                             f"expected {FORMAT!r}")
+        self.manifest = manifest
+        paired = bool(manifest["paired"])
+        self.mask_channel = not paired and self.degradation.mask_channel
+        if not paired and self.degradation.task == "colorization" and self.channels != 3:
+            raise ValueError(f"data.task=colorization needs data.channels=3 (RGB targets); got {self.channels}")
+        self.collate = ImageBatch(None if paired else self.degradation)
+        self.splits = {}
+        for split in SPLITS:
+            if manifest["splits"][split]:
+                check_safe_formats(self.input_dir, split, self.storage_options)
+                self.splits[split] = self.make_dataset(split, train=split == "train")
+            else:
+                self.splits[split] = NoItems()
+        if len(self.splits["train"]) != manifest["splits"]["train"]:
+            raise ValueError(f"data.input_dir={self.input_dir}: train/ holds {len(self.splits['train'])} items but "
+                             f"{MANIFEST} says {manifest['splits']['train']}")
+
+    def make_dataset(self, split: str, train: bool):
+        reader = {"channels": self.channels, "size": (self.image_size, self.image_size),
+                  "side_by_side": bool(self.manifest["side_by_side"]), "swap": self.direction == "BtoA",
+                  "augment": self.augment, "fixed_seed": int(self.manifest["split_seed"]), "seed": 0}
+        return streaming_dataset_class()(f"{self.input_dir.rstrip('/')}/{split}", reader, train,
+                                         cache_dir=self.cache_dir, max_cache_size=self.max_cache_size,
+                                         storage_options=self.storage_options)
+
+    def info(self) -> dict[str, Any]:
+        self.setup()
+        size, c = self.image_size, self.channels
+        if self.manifest["paired"]:
+            x_shape = [c, size, size]
+        else:
+            import torch
+
+            x_shape = list(self.degradation(torch.zeros(1, c, size, size), torch.Generator().manual_seed(0)).shape[1:])
+        return {"kind": self.kind, "x_shape": x_shape, "y_shape": [c, size, size],
+                "num_train_samples": int(self.manifest["splits"]["train"]), "mask_channel": self.mask_channel,
+                "fingerprint": self.manifest["fingerprint"]}
+
+    def _loader(self, split: str, shuffle: bool):
+        import torch
+        from litdata import StreamingDataLoader
+        from torch.utils.data import DataLoader
+
+        self.setup()
+        data = self.splits[split]
+        if not len(data):                                       # an empty val or test split
+            return DataLoader([], batch_size=self.eval_batch_size, collate_fn=self.collate)
+        if shuffle:
+            data.reader = {**data.reader, "seed": torch.initial_seed() % 2**63}
+            data.seed = data.reader["seed"]                     # litdata's shuffle seed: the run's, like the sampler's
+        return StreamingDataLoader(data, batch_size=self.batch_size if shuffle else self.eval_batch_size,
+                                   num_workers=self.num_workers, collate_fn=self.collate)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cgml_lightning.data.streaming",
+                                     description="Convert an image folder into litdata chunks for data=streaming.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="image folder -> OUT/{train,val,test} + OUT/cgml.json")
+    c.add_argument("--root", required=True, help="the image folder (as data.root)")
+    c.add_argument("--out", required=True, help="output folder (upload it to a bucket afterwards if you like)")
+    c.add_argument("--paired", action="store_true", help="a paired folder (A|B images, or A/ and B/)")
+    c.add_argument("--layout", default="auto", choices=("auto", "side_by_side", "folders"))
+    c.add_argument("--val-fraction", type=float, default=0.05)
+    c.add_argument("--test-fraction", type=float, default=0.05)
+    c.add_argument("--split-seed", type=int, default=0)
+    c.add_argument("--max-images", type=int, default=None)
+    c.add_argument("--num-workers", type=int, default=1, help="litdata.optimize worker processes")
+    c.add_argument("--chunk-bytes", default="64MB")
+    args = parser.parse_args(argv)
+    manifest = convert(args.root, args.out, args.paired, args.layout, args.val_fraction, args.test_fraction,
+                       args.split_seed, args.max_images, args.num_workers, args.chunk_bytes)
+    print(f"wrote {args.out}: {manifest['splits']} (train fingerprint {manifest['fingerprint']}); "
+          f"train with: cgml-train data=streaming data.input_dir={args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

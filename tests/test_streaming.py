@@ -1,0 +1,108 @@
+"""data=streaming on litdata: convert a small generated folder, stream it back, and get the folder datamodule's
+samples row for row (val/test fixed, training draws equal per (index, epoch)); paired folders too; unsafe chunk
+formats and missing manifests are refused by name. Skipped without litdata (an optional extra)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("litdata")
+
+from cgml_lightning.data import ImageFolderDataModule, PairedFolderDataModule, StreamingDataModule  # noqa: E402
+from cgml_lightning.data.streaming import convert  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_image_data import pixels, write_images  # noqa: E402
+
+SPLIT = {"val_fraction": 0.2, "test_fraction": 0.1, "split_seed": 3}
+TASK = {"image_size": 16, "task": "completion", "mask": "strokes", "augment": {"crop_scale": 1.25, "hflip": True}}
+
+
+def rows(batches: list[dict]) -> dict[int, dict[str, torch.Tensor]]:
+    return {int(i): {k: b[k][j] for k in ("x", "y")} for b in batches for j, i in enumerate(b["index"])}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b) and a
+    for i in a:
+        for key in ("x", "y"):
+            assert torch.equal(a[i][key], b[i][key]), (i, key)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("folder")
+    write_images(root / "a", 8, size=(20, 16))
+    write_images(root / "b" / "c", 7, size=(18, 18), ext="jpg", seed=1)
+    out = tmp_path_factory.mktemp("chunks")
+    convert(root, out, **SPLIT)
+    return root, out
+
+
+def test_round_trip_equals_the_folder(converted):
+    root, out = converted
+    folder = ImageFolderDataModule(root=str(root), batch_size=4, eval_batch_size=4, **SPLIT, **TASK)
+    folder.setup()
+    stream = StreamingDataModule(input_dir=str(out), batch_size=4, eval_batch_size=4, num_workers=0, **TASK)
+    assert stream.info() == folder.info()                                       # shapes, size, fingerprint
+    assert json.loads((out / "cgml.json").read_text())["splits"] == {"train": 10, "val": 3, "test": 2}
+    for split in ("val", "test"):                                               # fixed degradations, no augmentation
+        assert_same(rows(list(getattr(stream, f"{split}_dataloader")())), rows(list(getattr(folder, f"{split}_dataloader")())))
+    torch.manual_seed(9)
+    loader = stream.train_dataloader()
+    epochs = [rows(list(loader)) for _ in range(2)]                             # litdata's own order and epochs
+    data = folder.splits["train"]
+    for epoch, streamed in enumerate(epochs):
+        expected = rows([folder.collate([data[(i, epoch, 9)] for i in range(len(data))])])
+        assert_same(streamed, expected)                                          # each draw: the folder's draw
+    assert any(not torch.equal(epochs[0][i]["x"], epochs[1][i]["x"]) for i in epochs[0])
+
+
+def test_paired_round_trip(tmp_path):
+    for i in range(6):
+        a = pixels(i, (12, 10), 3)
+        Image.fromarray(np.concatenate([a, 255 - a], axis=1)).save(tmp_path / f"{i:02d}.png")
+    out = tmp_path / "out"
+    convert(tmp_path, out, paired=True, val_fraction=0.2, test_fraction=0.2)
+    kw = dict(image_size=8, direction="BtoA", batch_size=2, eval_batch_size=2)
+    folder = PairedFolderDataModule(root=str(tmp_path), val_fraction=0.2, test_fraction=0.2, **kw)
+    stream = StreamingDataModule(input_dir=str(out), num_workers=0, **kw)
+    assert stream.info() == folder.info() and stream.info()["x_shape"] == [3, 8, 8]
+    assert_same(rows(list(stream.val_dataloader())), rows(list(folder.val_dataloader())))
+    for batch in stream.train_dataloader():
+        assert torch.allclose(batch["x"], 1 - batch["y"], atol=1.5 / 255)        # BtoA: x = B = 1 - A, aligned
+
+
+def test_convert_command_line(tmp_path):
+    write_images(tmp_path / "imgs", 6, size=(8, 8))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "cgml_lightning.data.streaming", "convert", "--root",
+                           str(tmp_path / "imgs"), "--out", str(out), "--val-fraction", "0.2", "--test-fraction", "0.2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data=streaming data.input_dir=" in done.stdout and (out / "train" / "index.json").is_file()
+
+
+def test_refuses_pickled_items_and_missing_manifest(converted, tmp_path):
+    _, out = converted
+    bad = tmp_path / "bad"
+    (bad / "train").mkdir(parents=True)
+    manifest = json.loads((out / "cgml.json").read_text())
+    manifest["splits"] = {"train": 11, "val": 0, "test": 0}
+    (bad / "cgml.json").write_text(json.dumps(manifest))
+    index = json.loads((out / "train" / "index.json").read_text())
+    index["config"]["data_format"] = ["int", "int", "str", "pickle", "bytes"]
+    (bad / "train" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"train/index.json declares item formats .*'pickle'"):
+        StreamingDataModule(input_dir=str(bad)).setup()
+    with pytest.raises(FileNotFoundError, match="no cgml.json in .*streaming convert"):
+        StreamingDataModule(input_dir=str(tmp_path)).setup()
+    with pytest.raises(ValueError, match="data.input_dir is required"):
+        StreamingDataModule()
