@@ -142,11 +142,11 @@ def test_image_folder_max_images(rgb_tree):
 
 
 def test_corrupt_files_are_skipped_with_a_warning(rgb_tree):
-    """A file whose header does not read is dropped at setup; a truncated one (its header reads) is skipped when a
-    worker decodes it, and the next readable row stands in for that draw."""
+    """data.check_files=true: a file whose header does not read is dropped at setup; a truncated one (its header
+    reads) is skipped when a worker decodes it, and the next readable row stands in for that draw."""
     junk, truncated = write_corrupt(rgb_tree / "a")
     with pytest.warns(UserWarning, match="skipping 1 unreadable image") as record:
-        dm = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0)
+        dm = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0, check_files=True)
     assert str(junk) in str(record[0].message)
     assert len(dm.files) == 13 and junk not in dm.files and truncated in dm.files
     train = dm.splits["train"]
@@ -155,7 +155,8 @@ def test_corrupt_files_are_skipped_with_a_warning(rgb_tree):
         item = train[row]
     assert item["index"] == row + 1                                 # the next row stands in, with its own index
     with pytest.warns(UserWarning, match="skipping 1 unreadable image"):
-        fresh = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0)
+        fresh = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0,
+                     check_files=True)
     with pytest.warns(UserWarning, match=rf"skipping unreadable image {truncated}"):
         indices = torch.cat([batch["index"] for batch in fresh.train_dataloader()])   # a whole epoch: no crash
     assert len(indices) == 13 and set(indices.tolist()) == set(range(13)) - {row}
@@ -165,7 +166,7 @@ def test_all_corrupt_is_an_error(tmp_path):
     for name in ("a.png", "b.jpg"):
         (tmp_path / name).write_bytes(b"not an image")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable images under .*all 2 file"):
-        make(ImageFolderDataModule, tmp_path)
+        make(ImageFolderDataModule, tmp_path, check_files=True)
 
 
 def test_empty_folder_names_folder_and_extensions(tmp_path):
@@ -254,7 +255,7 @@ def test_paired_size_mismatch_names_files_and_sizes(tmp_path):
         write_images(tmp_path / "A", 1, size=(8, 8), seed=i)
         write_images(tmp_path / "B", 1, size=(8, 8) if i else (10, 8), seed=i)
     with pytest.raises(ValueError) as err:
-        make(PairedFolderDataModule, tmp_path)
+        make(PairedFolderDataModule, tmp_path, check_files=True)
     message = str(err.value)
     assert "img_0_000.png" in message and "A and B differ in size (8x8 vs 10x8" in message
 
@@ -271,7 +272,7 @@ def test_paired_bad_inputs(tmp_path):
     odd = tmp_path / "odd"
     write_images(odd, 3, size=(11, 8))
     with pytest.raises(ValueError, match=r"img_0_000.png: an A\|B image needs an even width .* got 11x8"):
-        make(PairedFolderDataModule, odd)
+        make(PairedFolderDataModule, odd, check_files=True)
     with pytest.raises(FileNotFoundError, match="data.layout=folders needs subfolders A/ and B/"):
         make(PairedFolderDataModule, odd, layout="folders")
     (tmp_path / "ab" / "A").mkdir(parents=True)

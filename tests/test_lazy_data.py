@@ -265,10 +265,17 @@ def animated(path: Path) -> None:
     ("line.png", lambda p: Image.new("L", (9, 1)).save(p), r"line.png: 9x1 pixels"),
 ])
 def test_bad_images_are_errors_naming_the_file(tmp_path, name, write, message):
+    """data.check_files=true: an error at setup; by default (no header read at setup) the worker that reads the
+    file skips it with a warning naming it and why, and the next row stands in with its own index."""
     write_images(tmp_path, 4, size=(8, 8))
     write(tmp_path / name)
     with pytest.raises(ImageDataError, match=message):
-        make(ImageFolderDataModule, tmp_path, image_size=8)
+        make(ImageFolderDataModule, tmp_path, image_size=8, check_files=True)
+    dm = make(ImageFolderDataModule, tmp_path, image_size=8, val_fraction=0.0, test_fraction=0.0)
+    row = [p.name for p in dm.files].index(name)
+    with pytest.warns(UserWarning, match=f"skipping unreadable image .*{message}"):
+        item = dm.splits["train"][row]
+    assert item["index"] == (row + 1) % 5
 
 
 def test_partly_transparent_and_grey_alpha_images_are_fine(tmp_path):
@@ -283,7 +290,7 @@ def test_partly_transparent_and_grey_alpha_images_are_fine(tmp_path):
 def test_paired_halves_too_small(tmp_path):
     write_images(tmp_path, 4, size=(2, 6))
     with pytest.raises(ImageDataError, match=r"img_0_000.png: an A\|B image needs an even width .*halves of at least"):
-        make(PairedFolderDataModule, tmp_path)
+        make(PairedFolderDataModule, tmp_path, check_files=True)
 
 
 # ---- in-memory arrays: tiny sets and empty features ---------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Image folders with PIL, read lazily: any folder of images becomes any task (data=image_folder), and pix2pix-style
 paired folders become translation (data=paired_folder).
 
-Setup lists the files in sorted order and reads only their headers (in threads): size, frames, and the alpha band of
-images that have one. Unreadable files are dropped with a warning before sample indices are assigned; a file that
-cannot serve as a sample (animated, fully transparent, smaller than 2x2, sizes that do not fit) is an error naming
-it. The datasets keep relative names in one compact table, never pixels, so memory does not grow with decoded
-images; each file's row of the latent table is its sorted position in the training split. DataLoader workers decode,
-resize, crop (randomly, and flip, in training when data.augment asks) and hand over uint8 tensors; the collate
-function turns them into the float batch {"x", "y", "index"} and draws the degradation. A file that turns out
-corrupt when a worker decodes it is skipped with a warning naming it: the next readable row stands in for that draw,
-and no other file changes row.
+Setup lists the files in sorted order; nothing is opened, so start-up is a directory listing however many files
+there are. The datasets keep relative names in one compact table, never pixels, so memory does not grow with the
+images; each file's row of the latent table is its sorted position in the training split. DataLoader workers
+decode, resize, crop (randomly, and flip, in training when data.augment asks) and hand over uint8 tensors; the
+collate function turns them into the float batch {"x", "y", "index"} and draws the degradation. A file that cannot
+serve as a sample when a worker reads it (corrupt, animated, fully transparent, smaller than 2x2, an A|B pair that
+does not fit) is skipped with a warning naming it and why: the next readable row stands in for that draw, and no
+other file changes row.
+
+data.check_files=true (and data.image_size=null, which needs every file's size) reads every header at setup, in
+threads, instead: unreadable files are then dropped with one warning before rows are assigned, and a file that
+cannot serve as a sample is an error naming it.
 """
 from __future__ import annotations
 
@@ -265,8 +268,9 @@ def make_item(images: list[Image.Image], row: int, key: int, epoch: int | None, 
 def split_pair(img: Image.Image, name: str) -> list[Image.Image]:
     """An A|B image as its halves [A, B]."""
     w, h = img.size
-    if w % 2:
-        raise ImageDataError(f"{name}: an A|B image needs an even width; got {w}x{h} (W x H)")
+    if w % 2 or w < 4:
+        raise ImageDataError(f"{name}: an A|B image needs an even width to split in half"
+                             f"{' (and halves of at least 2x2)' if w < 4 else ''}; got {w}x{h} (W x H)")
     return [img.crop((0, 0, w // 2, h)), img.crop((w // 2, 0, w, h))]
 
 
@@ -294,8 +298,11 @@ class ImageFileDataset(Dataset):
         return self.path(i) if self.names_b is None else f"{self.path(i)} / {os.path.join(self.root, self.names_b.name(i))}"
 
     def decode(self, i: int) -> list[Image.Image]:
-        """The image, or the pair (A, B), of row i, decoded: one or two PIL images of the same size."""
+        """The image, or the pair (A, B), of row i, decoded: one or two PIL images of the same size. ImageDataError
+        for a file that cannot be a sample (the checks setup makes with data.check_files=true)."""
+        inspect_image(self.path(i))
         if self.names_b is not None:
+            inspect_image(os.path.join(self.root, self.names_b.name(i)))
             a, b = open_image(self.path(i), self.channels), open_image(os.path.join(self.root, self.names_b.name(i)), self.channels)
             if a.size != b.size:
                 raise ImageDataError(f"{self.describe(i)}: A and B differ in size ({a.size[0]}x{a.size[1]} vs "
@@ -352,14 +359,14 @@ class FolderDataModule(SplitDataModule):
     kind = "image"
 
     def __init__(self, root: str | None = None, channels: int = 3, image_size: int | None = 64,
-                 max_images: int | None = None, augment: Mapping | None = None, **kwargs):
+                 max_images: int | None = None, augment: Mapping | None = None, check_files: bool = False, **kwargs):
         super().__init__(**kwargs)
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB); got {channels!r}")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 2):
             raise ValueError(f"data.image_size must be a positive number of pixels (at least 2) or null; got {image_size!r}")
         self.root, self.channels, self.image_size, self.max_images = root, channels, image_size, max_images
-        self.augment = Augment.parse(augment)
+        self.augment, self.check_files = Augment.parse(augment), check_files
         self.tables: tuple[FileTable, ...] = ()     # the file(s) behind each kept sample, in sample order
         self.size: tuple[int, int] | None = None    # (W, H) of every sample
         self._fingerprint = ""
@@ -420,8 +427,11 @@ class FolderDataModule(SplitDataModule):
             return
         root = check_root(self.root)
         tables = tuple(t.head(self.max_images) for t in self.list_samples(root))
-        rows, sizes = self.inspect(root, tables)
-        tables = tuple(t.take(rows) for t in tables)
+        if self.image_size is None or self.check_files:
+            rows, sizes = self.inspect(root, tables)
+            tables = tuple(t.take(rows) for t in tables)
+        else:
+            rows = np.arange(len(tables[0]))
         if self.image_size is None:
             different = np.flatnonzero((sizes != sizes[0]).any(1))
             if len(different):
