@@ -1,4 +1,4 @@
-"""cgml-bench [profile=quick|full]: every module side by side on one task (DESIGN.md section 4).
+"""cgml-bench [profile=quick|full]: every module side by side on one task.
 
 Each model (cgml, regressor, cvae, cgan, flow) is composed from the train config (experiment=TASK model=NAME: the
 same data and nets) and trained in this process, one after the other, for the same wall-clock budget (Lightning's
@@ -200,7 +200,7 @@ def plot_curves(models: dict[str, dict], path: Path, num_samples: int) -> Path:
 
 
 def goals(models: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
-    """The issue's measured goals: (goal, met or None when a model it needs is missing, the numbers)."""
+    """The benchmark's goals: (goal, met or None when a model it needs is missing, the numbers)."""
     def get(name: str, key: str):
         return models.get(name, {}).get(key)
 
@@ -268,7 +268,7 @@ def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
               "class; probe acc: logistic regression on frozen encoder features; s/step: median over the same "
               f"{report['timing_batches']} training batches after warm-up.", "",
               "## Quality against training time", "", "![val best-of-N PSNR against training seconds](convergence.png)",
-              "", "## Goals (issue 4)", ""]
+              "", "## Goals", ""]
     for goal, ok, detail in goals(models):
         lines.append(f"- {'n/a' if ok is None else 'met' if ok else 'NOT met'}: {goal} ({detail})")
     if phases:

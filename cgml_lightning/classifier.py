@@ -1,4 +1,4 @@
-"""Feature networks for FID and the classifier that checks a completed shirt stays a shirt (DESIGN.md section 4).
+"""Feature networks for FID and the classifier that checks a completed shirt stays a shirt.
 
 FID needs a feature network. Inception-v3 (torch-fidelity's weights, the standard FID) is used where those weights
 are on disk: nothing is downloaded at run time. Otherwise, offline, a small CNN classifier is trained once on the

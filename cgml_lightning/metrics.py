@@ -1,4 +1,4 @@
-"""Evaluation metrics on samples [B, N, ...] against targets [B, ...] (DESIGN.md section 4).
+"""Evaluation metrics on samples [B, N, ...] against targets [B, ...].
 
 PSNR, SSIM and FID come from torchmetrics; diversity and the mode metrics are a few lines of torch.
 """

@@ -1,4 +1,4 @@
-"""Downstream probe (DESIGN.md section 4): linear-probe accuracy on frozen encoder features.
+"""Downstream probe: linear-probe accuracy on frozen encoder features.
 
 The features of an input x are what every module's generator summarises of it, generator.summarize(
 generator.encode(x)) (the U-Net's pooled bottleneck, the MLP's hidden layer). The flow's velocity net reads

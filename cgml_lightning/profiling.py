@@ -1,4 +1,4 @@
-"""Where a cGML training step spends its time: the phases timed one by one on the same batch (issue: perf).
+"""Where a cGML training step spends its time: the phases timed one by one on the same batch.
 
 A benchmark helper, not a test: absolute times are noisy on shared machines, so callers compare ratios
 measured side by side in one process (cgml / regressor step, phase / step).

@@ -78,7 +78,7 @@ def test_bench_md_table_curves_and_phase_profile(bench_run):
     for name in MODELS:
         assert f"\n| {name} | " in text, name
     assert "![val best-of-N PSNR against training seconds](convergence.png)" in text
-    assert "## Goals (issue 4)" in text and "samples/s >= 10x the flow's" in text
+    assert "## Goals" in text and "samples/s >= 10x the flow's" in text
     with Image.open(bench_run / "convergence.png") as image:
         assert image.format == "PNG" and image.width > 100
     assert "## cGML training step, per phase" in text and "| z_steps_s |" in text

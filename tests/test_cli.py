@@ -250,7 +250,7 @@ def read_metrics(run_dir: Path) -> dict:
     metrics = json.loads(path.read_text())
     assert isinstance(metrics, dict)
     for key, value in metrics.items():
-        if key == "fid" and value is None or key == "fid_feature_net":   # DESIGN: null when no feature net
+        if key == "fid" and value is None or key == "fid_feature_net":   # null when no feature net
             continue
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         assert math.isfinite(value), (key, value)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md section 4) against hand computations."""
+"""Evaluation metrics against hand computations."""
 from __future__ import annotations
 
 import math

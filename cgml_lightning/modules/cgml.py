@@ -1,4 +1,4 @@
-"""CGMLModule: orchestrates the z-phase, Z-phase, table write-back and w-phase of cGML (DESIGN.md section 1)."""
+"""CGMLModule: orchestrates the z-phase, Z-phase, table write-back and w-phase of cGML."""
 from __future__ import annotations
 
 from pathlib import Path
