@@ -78,10 +78,10 @@ class PreemptionCheckpoint(L.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
-        got = torch.tensor(float(self.received or 0), device=module.device)
-        if trainer.world_size > 1:
-            got = trainer.strategy.reduce(got, reduce_op="max")
-        signum = int(got.item())
+        signum = self.received or 0
+        if trainer.world_size > 1:                    # any rank's signal stops them all, at this same step
+            got = torch.tensor(float(signum), device=module.device)
+            signum = int(trainer.strategy.reduce(got, reduce_op="max").item())
         if not signum or self.preempted:
             return
         trainer.save_checkpoint(self.path)
