@@ -2,7 +2,7 @@
 samples to the + mode and leaves them on it, not stranded between the modes.
 
 The model is trained here for about 15 s (2000 samples, 20 epochs): enough for Z to seek modes (about 0.7 of
-its free samples near a mode), far from the shipped experiment=toy (0.97 with table starts, see the README)."""
+its free samples near a mode), far from the shipped experiment=toy (0.97 with table starts, docs/results.md)."""
 from __future__ import annotations
 
 import lightning as L
