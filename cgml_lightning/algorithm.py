@@ -72,15 +72,17 @@ def select_starts(loss_fn: LossFn, candidates: Tensor, batched: bool = False) ->
 
 
 def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: float = 0.0,
-              normalized: bool = False) -> Tensor:
-    """The z-phase: projected gradient descent on z only. Returns the trajectory [k+1, B, d].
+              normalized: bool = False, path: bool = True) -> Tensor:
+    """Projected gradient descent on z only: the trajectory [k+1, B, d], or with path=False the last z [B, d].
 
+    The z-phase of training takes the trajectory (Z regresses on it); guided sampling takes the last z, descending
+    a guide's penalty (loss_fn may then return one scalar for all rows: it is summed either way).
     Gradients are taken w.r.t. z alone (autograd.grad), so no weight gradient is formed; each step
     starts from a fresh leaf, so no graph survives from one step to the next.
     normalized: step along the unit gradient with a linearly decaying length lr * (1 - t/k), so z moves
     as far where the outputs' scale (and thus the gradient) is tiny as where it is large.
     """
-    z, velocity, path = z0.detach(), torch.zeros_like(z0), [z0.detach()]
+    z, velocity, visited = z0.detach(), torch.zeros_like(z0), [z0.detach()]
     for t in range(steps):
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -89,8 +91,9 @@ def z_descent(loss_fn: LossFn, z0: Tensor, steps: int, lr: float, momentum: floa
             grad = (1 - t / steps) * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         velocity = momentum * velocity + grad
         z = project(z.detach() - lr * velocity)
-        path.append(z)
-    return torch.stack(path).detach()
+        if path:
+            visited.append(z)
+    return torch.stack(visited).detach() if path else z.detach()
 
 
 def dynamics_targets(path: Tensor, target: str = "next") -> tuple[Tensor, Tensor, Tensor]:

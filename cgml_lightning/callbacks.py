@@ -10,12 +10,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from cgml_lightning.plots import save_samples_png
+from cgml_lightning.runs import log_picture
 
 __all__ = ["SampleGrid", "PreemptionCheckpoint"]
 
 
 class SampleGrid(L.Callback):
-    """Writes DIRPATH/epoch_XXX.png (input | N samples | truth, or the toy plot) every `every_n_epochs` validations."""
+    """Writes DIRPATH/epoch_XXX.png (input | N samples | truth, or the toy plot) every `every_n_epochs` validations and
+    gives it, captioned, to the loggers that take images (W&B, TensorBoard)."""
 
     def __init__(self, dirpath: str, num_inputs: int = 8, num_samples: int = 8, seed: int = 0, every_n_epochs: int = 1):
         self.dirpath, self.num_inputs, self.num_samples, self.seed = Path(dirpath), num_inputs, num_samples, seed
@@ -29,9 +31,9 @@ class SampleGrid(L.Callback):
             return
         path = save_samples_png(module, trainer.datamodule, self.dirpath / f"epoch_{trainer.current_epoch:03d}.png",
                                 self.num_inputs, self.num_samples, self.seed)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):                      # W&B
-                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+        rows = (f"one row per test input: input | {self.num_samples} samples | truth"
+                if trainer.datamodule.kind == "image" else "samples (red) against x, true modes (black) where known")
+        log_picture(trainer.loggers, "samples", path, f"epoch {trainer.current_epoch}: {rows}", trainer.global_step)
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -132,7 +132,7 @@ def build(cfg, data: SyntheticData, device: torch.device, compile: bool) -> tupl
     why comes back instead of being raised."""
     from omegaconf import open_dict
 
-    from cgml_lightning.cli import build_module
+    from cgml_lightning.runs import build_module
 
     with open_dict(cfg):
         cfg.model.compile = compile
@@ -175,7 +175,7 @@ def start_selection(module, batch: dict[str, Tensor], repeats: int, warmup: int,
 def starts_agree(module, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, seed: int = 0) -> dict[str, Any]:
     """Both ways on the same candidates: the share of inputs whose chosen candidate is the same, and the largest
     difference of their losses relative to the loss."""
-    from cgml_lightning.modules.cgml import repeat_feats
+    from cgml_lightning.modules.base import repeat_feats
 
     b = len(y)
     m = module.hparams.start_candidates + 1

@@ -88,3 +88,25 @@ def first_test_batch(datamodule) -> dict[str, Tensor]:
     if batch is None:
         raise ValueError(f"{type(datamodule).__name__}: the test split is empty (raise data.test_fraction or add data)")
     return batch
+
+
+def models_grid(x: Tensor, samples: dict[str, Tensor], y: Tensor | None = None, scale: int = 4,
+                pad: int = 1) -> Image.Image:
+    """Several models' samples for the same inputs, side by side: one row per input, input | each model's N samples
+    | truth, under a header naming the columns. x [B, Cx, H, W], samples {name: [B, N, C, H, W]}, y [B, C, H, W]."""
+    from PIL import ImageDraw
+
+    names = list(samples)
+    grid = image_grid(x, torch.cat([samples[n] for n in names], dim=1), y, scale=scale, pad=pad)
+    tile = (x.shape[-1] + 2 * pad) * scale
+    header = Image.new("RGB", (grid.width, 14), "white")
+    draw = ImageDraw.Draw(header)
+    columns = [("input", 1)] + [(n, samples[n].shape[1]) for n in names] + ([("truth", 1)] if y is not None else [])
+    left = 0
+    for name, width in columns:
+        draw.text((left + 2, 1), name, fill="black")
+        left += width * tile
+    out = Image.new("RGB", (grid.width, grid.height + header.height), "white")
+    out.paste(header, (0, 0))
+    out.paste(grid.convert("RGB"), (0, header.height))
+    return out

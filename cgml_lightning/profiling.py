@@ -192,7 +192,7 @@ def perf_report(overrides: list[str], baselines: tuple[str, ...] = ("regressor",
     sampling throughput; `overrides` compose the training config as on the cgml-train command line."""
     from hydra import compose, initialize_config_module
 
-    from cgml_lightning.cli import build_datamodule, build_module
+    from cgml_lightning.runs import build_datamodule, build_module
 
     with initialize_config_module("cgml_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)

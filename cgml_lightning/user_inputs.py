@@ -10,6 +10,7 @@ size; any other is an error (or, with crop=true, resized on its shorter side and
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,23 +29,52 @@ log = logging.getLogger("cgml_lightning")
 ASPECT_TOLERANCE = 0.02          # relative difference of width/height ratios still resized without a crop
 HINT_THRESHOLD = 8 / 255         # a hint pixel with any channel above this (or a non-zero alpha) is known
 STREAM_USER = 2                  # random degradations of user images draw from their own stream (0 train, 1 test)
+RECORD_KEY = "hyper_parameters.data_info.degradation"      # where a checkpoint keeps its data's degradation
+DATA_KEY = "hyper_parameters.data_info.data"              # and the data config it was trained with
+FLAT_TASK_DATAMODULES = ("FashionMNISTDataModule", "ImageFolderDataModule", "StreamingDataModule")
 
 
-def task_degradation(data_cfg: dict[str, Any] | None, data_info: dict[str, Any]) -> Degradation:
-    """The degradation the checkpoint was trained with, from the data config it recorded (data_info["data"]).
+def task_degradation(data_cfg: Mapping[str, Any] | None, data_info: Mapping[str, Any]) -> Degradation:
+    """The degradation the checkpoint was trained with: the record its datamodule's info() made
+    (data_info["degradation"]). Checkpoints made before that record have it inferred from their data config
+    (data_info["data"], see inferred_degradation)."""
+    if "degradation" in data_info:
+        return Degradation.from_record(data_info["degradation"], f"the checkpoint's {RECORD_KEY}")
+    return inferred_degradation(data_cfg, data_info)
 
-    Datamodules with flat `data.task`/`data.mask`... keys (fmnist, image_folder) name it; the digits module always
-    hides one half; paired folders (pix2pix) and other data take their input as it is (identity)."""
-    cfg = dict(data_cfg or {})
-    target = str(cfg.pop("_target_", ""))
-    if "task" in cfg:
-        return Degradation.pop_from(cfg)
-    if target.endswith("DigitsDataModule"):
-        return Degradation(task="completion", mask="half", mask_side=cfg.get("mask_side", "bottom"))
-    if data_info.get("mask_channel"):
-        raise ValueError(f"the checkpoint's data ({target or 'unknown'}) hides pixels but records no mask; "
-                         "pass mask=FILE (a PNG, white = unknown)")
-    return Degradation(task="identity")
+
+def inferred_degradation(data_cfg: Mapping[str, Any] | None, data_info: Mapping[str, Any]) -> Degradation:
+    """The degradation of a checkpoint without the record, from its data config by key and class name only
+    (nothing in it is run): the digits module always hides one half; paired folders (pix2pix) take their input as
+    it is; flat `data.task`/`data.mask`... keys name it (fmnist, image_folder and streaming, whose defaults fill
+    keys left out). Any other config, or a task at odds with the recorded mask channel (paired streaming data), is
+    an error naming the checkpoint's keys."""
+    cfg = dict(data_cfg) if isinstance(data_cfg, Mapping) else {}
+    target = str(cfg.pop("_target_", None) or "")
+    name = target.rsplit(".", 1)[-1]
+    if name not in ("DigitsDataModule", "PairedFolderDataModule", *FLAT_TASK_DATAMODULES) and "task" not in cfg:
+        raise undetermined(target, "names no datamodule whose degradation is known" if cfg or target else "is absent")
+    try:
+        if name == "DigitsDataModule":
+            degradation = Degradation(task="completion", mask="half", mask_side=cfg.get("mask_side", "bottom"))
+        elif name == "PairedFolderDataModule":
+            degradation = Degradation(task="identity")
+        else:
+            degradation = Degradation.pop_from(cfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the checkpoint's {DATA_KEY} ({target or 'no _target_'}): {err}") from err
+    if "mask_channel" in data_info and degradation.mask_channel != bool(data_info["mask_channel"]):
+        raise undetermined(target, f"names task={degradation.task}, but the recorded mask_channel is "
+                                   f"{data_info['mask_channel']}")
+    return degradation
+
+
+def undetermined(target: str, why: str) -> ValueError:
+    return ValueError(
+        f"cannot tell which degradation made this checkpoint's inputs: it records none ({RECORD_KEY}) and its data "
+        f"config {DATA_KEY}{f' ({target})' if target else ''} {why}. Add the record to the checkpoint, e.g. "
+        f"{RECORD_KEY} = {{'task': 'denoise', 'noise_sigma': 0.2}} (task: completion, denoise, superres, "
+        "colorization or identity, with the data.* settings it was trained with)")
 
 
 def check_image_model(data_info: dict[str, Any], key: str) -> tuple[int, int, int]:

@@ -34,7 +34,7 @@ def on_train_batch_start(self, batch, batch_idx):
 
 if __name__ == "__main__":
     L.LightningModule.on_train_batch_start = on_train_batch_start
-    from cgml_lightning.cli import train
+    from cgml_lightning.commands.train import main as train
 
     sys.argv = ["cgml-train", *sys.argv[1:]]
     train()

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from cgml_lightning import CGMLModule  # noqa: E402
 from cgml_lightning.data import ToyDataModule  # noqa: E402
-from cgml_lightning.metrics import mode_distances, mode_metrics, mode_tolerance  # noqa: E402
+from cgml_lightning.evaluation.metrics import mode_distances, mode_metrics, mode_tolerance  # noqa: E402
 from cgml_lightning.plots import draw_toy  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from itertools import islice
 import torch
 from hydra import compose, initialize_config_module
 
-from cgml_lightning.cli import build_datamodule, build_module
+from cgml_lightning.runs import build_datamodule, build_module
 from cgml_lightning.profiling import train_step_seconds
 
 

@@ -194,7 +194,7 @@ Any differentiable penalty on the samples can steer them: a few normalized gradi
 points through `G`, then the usual Z-steps carry them onto a learned mode. Here the guide penalises negative
 first coordinates, so the samples should all land on the + branch, and on it, not between the branches."""),
     ("code", """\
-from cgml_lightning.metrics import mode_distances, mode_tolerance
+from cgml_lightning.evaluation.metrics import mode_distances, mode_tolerance
 
 guide = lambda s: torch.relu(-s[..., 0]).sum()                           # s: [B, N, 3] -> scalar
 free = cgml.sample(x, 20, seed=0)
@@ -228,7 +228,7 @@ import os
 from cgml_lightning import CGMLModule
 from cgml_lightning.data import FashionMNISTDataModule
 from cgml_lightning.data.fashion_mnist import CLASSES, find_files, missing_message
-from cgml_lightning.metrics import pairwise_l1_diversity
+from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
 from cgml_lightning.plots import image_grid
 
 AVAILABLE = find_files(None) is not None

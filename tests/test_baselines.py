@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from cgml_lightning.metrics import pairwise_l1_diversity
+from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
 from cgml_lightning.modules import MODULES, CGANModule, CVAEModule, FlowModule
 
 NETS = {"mlp": {"name": "mlp", "width": 32, "depth": 2}, "unet": {"name": "unet", "width": 8, "depth": 2}}
@@ -127,7 +127,7 @@ def test_sample_restores_mode_and_rejects_guide(fitted):
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 def test_checkpoint_round_trip(fitted):
-    from cgml_lightning.cli import load_checkpoint
+    from cgml_lightning.runs import load_checkpoint
 
     module, path, cls = fitted["module"], fitted["path"], MODULES[fitted["name"]]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from cgml_lightning.bench import goals, load_task
+from cgml_lightning.benchmark import goals, load_task
 
 MODELS = ["cgml", "regressor", "cvae", "cgan", "flow"]
 REQUIRED = {"psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "fid", "probe_acc", "train_s_per_step",
@@ -21,19 +21,19 @@ BUDGET_S = 1.0
 TINY = [f"profile.budget_s={BUDGET_S}", "profile.curve_every_s=0.5", "profile.curve_num_inputs=8",
         "profile.num_inputs=12", "profile.num_samples=3", "profile.probe_train=120", "profile.probe_test=60",
         "profile.timing_warmup=1", "profile.timing_batches=2", "profile.speed_inputs=2", "profile.speed_repeats=1",
-        "profile.phase_repeats=1", "feature_net.classifier.steps=60", "feature_net.classifier.width=4",
+        "profile.phase_repeats=1", "profile.picture_inputs=3", "profile.picture_samples=2", "feature_net.classifier.steps=60", "feature_net.classifier.width=4",
         'overrides=["+data.max_train_samples=128","+trainer.enable_progress_bar=false"]']
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """cgml-bench profile=quick on digits, shrunk to seconds: every model trains ~1 s."""
+    """cgml-bench profile=quick on digits, shrunk to seconds (every model trains ~1 s), logging to W&B offline."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "run"
-    args = ["profile=quick", "task=digits_completion", *TINY,
+    args = ["profile=quick", "task=digits_completion", *TINY, "logger=wandb",
             f"feature_net.cache_dir={root / 'cache'}", f"hydra.run.dir={out}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "cgml_lightning.bench", *args], cwd=root, env=env,
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cgml_lightning.commands.bench", *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"cgml-bench exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
@@ -78,7 +78,7 @@ def test_bench_md_table_curves_and_phase_profile(bench_run):
     for name in MODELS:
         assert f"\n| {name} | " in text, name
     assert "![val best-of-N PSNR against training seconds](convergence.png)" in text
-    assert "## Goals" in text and "samples/s >= 10x the flow's" in text
+    assert "## cGML against the peers" in text and "samples/s >= 10x the flow's" in text
     with Image.open(bench_run / "convergence.png") as image:
         assert image.format == "PNG" and image.width > 100
     assert "## cGML training step, per phase" in text and "| z_steps_s |" in text
@@ -134,9 +134,9 @@ def test_goals_are_checked_against_the_numbers():
 
 
 def test_eval_config_feeds_the_evaluation_nets(compose_bench, tmp_path):
-    """cgml-eval's feature_net block is build_eval_nets' keyword arguments (what cli.run_eval passes on)."""
-    from cgml_lightning.classifier import build_eval_nets
-    from cgml_lightning.cli import plain
+    """cgml-eval's feature_net block is build_eval_nets' keyword arguments (what commands.eval.run_eval passes on)."""
+    from cgml_lightning.evaluation.feature_nets import build_eval_nets
+    from cgml_lightning.runs import plain
     from cgml_lightning.data import DigitsDataModule
 
     cfg = compose("eval", overrides=["ckpt_path=unused.ckpt", "feature_net.classifier.steps=20",
@@ -148,3 +148,22 @@ def test_eval_config_feeds_the_evaluation_nets(compose_bench, tmp_path):
     assert len(list(tmp_path.glob("classifier-*.pt"))) == 1
     none = build_eval_nets(dm, **{**plain(cfg.feature_net), "fid": "none"})
     assert none.fid_features is None and none.classifier is None and "FID: none" in none.describe()
+
+
+def test_bench_reaches_wandb_with_its_table_and_pictures(bench_run):
+    from PIL import Image
+
+    from tests.helpers import wandb_runs
+
+    report = json.loads((bench_run / "bench.json").read_text())
+    (run,) = wandb_runs(bench_run / "wandb")
+    assert run["job_type"] == "bench"
+    for name in MODELS:
+        assert run["summary"][f"test/{name}/psnr_best_of_n"] == pytest.approx(report["models"][name]["psnr_best_of_n"])
+    assert run["summary"]["bench/results/_type"] == "table-file"
+    for key in ("bench/convergence", "bench/samples"):
+        assert run["summary"][f"{key}/count"] == 1 and run["summary"][f"{key}/captions"][0], key
+    assert any(m.startswith("media/images/bench/samples") for m in run["media"]), run["media"]
+    with Image.open(bench_run / "bench_samples.png") as picture:            # input | 5 models x 2 samples | truth
+        assert picture.width == (2 + 2 * len(MODELS)) * (8 + 2) * 4
+    assert "bench_samples.png" in (bench_run / "bench.md").read_text()

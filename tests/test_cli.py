@@ -80,7 +80,7 @@ def test_experiment_composes(compose_train, experiment):
 
 @pytest.mark.parametrize("experiment", ["toy", "digits_completion"])
 def test_offline_experiment_builds_module(compose_train, experiment):
-    from cgml_lightning.cli import build_datamodule, build_module
+    from cgml_lightning.runs import build_datamodule, build_module
 
     cfg = compose_train(f"experiment={experiment}")
     assert not OmegaConf.missing_keys(cfg)
@@ -219,7 +219,7 @@ def test_instantiate_refuses_before_calling(tmp_path):
 
 
 def test_run_train_refuses_a_bad_target_before_anything_runs(compose_train, tmp_path):
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     flag = tmp_path / "pwned"
     cfg = compose_train("experiment=toy", "debug=fdr", "+callbacks.evil._target_=os.system",
@@ -309,7 +309,7 @@ def test_train_toy_fdr(toy_run):
     metrics = read_metrics(toy_run)
     assert TOY_KEYS <= set(metrics)
     # the written figures are the evaluation of the saved model on its recorded data, not some other numbers
-    from cgml_lightning.cli import load_checkpoint
+    from cgml_lightning.runs import load_checkpoint
     from cgml_lightning.evaluation import evaluate
     from cgml_lightning.instantiate import datamodule_from_record
 
@@ -380,7 +380,7 @@ def test_sample_from_checkpoint(digits_run, workdir):
 
 
 def test_eval_missing_checkpoint_fails(tmp_path):
-    from cgml_lightning.cli import load_for_inference
+    from cgml_lightning.runs import load_for_inference
 
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_for_inference(OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt")}))
@@ -459,7 +459,7 @@ def test_sample_on_a_folder_of_user_images(digits_run, workdir, user_folder):
 
 
 def test_sample_with_a_mask_file_and_a_hint(digits_run, workdir, user_folder):
-    from cgml_lightning.cli import load_checkpoint
+    from cgml_lightning.runs import load_checkpoint
 
     mask = np.zeros((16, 16), np.uint8)
     mask[:, 8:] = 255                                                        # white = unknown: the right half
@@ -507,7 +507,7 @@ def test_sample_errors_name_the_file(digits_run, toy_run, workdir):
     assert proc.returncode != 0
     assert str(wide) in proc.stderr and "24x8" in proc.stderr and "crop=true" in proc.stderr, proc.stderr[-3000:]
 
-    from cgml_lightning.cli import run_sample
+    from cgml_lightning.commands.sample import run_sample
 
     def sample_cfg(**keys):
         return OmegaConf.create({"num_samples": 2, "num_inputs": 4, "seed": 0, "input": None, "degrade": True,

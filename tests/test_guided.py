@@ -11,7 +11,7 @@ import torch
 
 from cgml_lightning import CGMLModule
 from cgml_lightning.data import ToyDataModule
-from cgml_lightning.metrics import mode_distances, mode_metrics, mode_tolerance
+from cgml_lightning.evaluation.metrics import mode_distances, mode_metrics, mode_tolerance
 
 EPOCHS = 20
 

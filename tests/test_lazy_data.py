@@ -367,7 +367,7 @@ def test_image_presets_compose_and_set_up(tmp_path, no_decoding, experiment, siz
 def test_exact_resume_with_per_draw_masks(tmp_path):
     """Two epochs straight and one + a resume from its checkpoint end equal (weights, latent table, optimizers)
     with fresh masks and crops per draw."""
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     write_images(tmp_path / "imgs", 14, size=(10, 10))
     common = ["experiment=folder_completion", f"data.root={tmp_path / 'imgs'}", "data.image_size=8", "net=unet_small",

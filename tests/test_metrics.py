@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from cgml_lightning.classifier import (InceptionFeatures, build_eval_nets, has_labels, inception_weights,
-                                       load_or_train_classifier, train_classifier)
 from cgml_lightning.data import DigitsDataModule, ToyDataModule
 from cgml_lightning.evaluation import evaluate
-from cgml_lightning.metrics import (fid_metric, image_metrics, mode_metrics, mode_tolerance, pairwise_l1_diversity,
-                                    psnr, ssim, vector_metrics)
+from cgml_lightning.evaluation.feature_nets import (InceptionFeatures, build_eval_nets, has_labels, inception_weights,
+                                                    load_or_train_classifier, train_classifier)
+from cgml_lightning.evaluation.metrics import (fid_metric, image_metrics, mode_metrics, mode_tolerance,
+                                               pairwise_l1_diversity, psnr, ssim, vector_metrics)
+from cgml_lightning.evaluation.probe import encoder_features, linear_probe, linear_probe_accuracy
 from cgml_lightning.modules import MODULES
-from cgml_lightning.probe import encoder_features, linear_probe, linear_probe_accuracy
 
 
 # ---- diversity -----------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_classifier_is_trained_once_cached_and_accurate(digits_full, classifier_
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been loaded")
 
-    monkeypatch.setattr("cgml_lightning.classifier.train_classifier", no_training)
+    monkeypatch.setattr("cgml_lightning.evaluation.feature_nets.train_classifier", no_training)
     again, info = load_or_train_classifier(digits_full, classifier_cache, **FAST_CLASSIFIER)
     assert info["path"] == str(files[0]) and info["test_acc"] == pytest.approx(acc)
     assert torch.equal(again.predict(y), eval_nets.classifier.predict(y))

@@ -7,7 +7,7 @@ import torch
 
 from cgml_lightning import CGMLModule, RegressorModule
 from cgml_lightning import algorithm as A
-from cgml_lightning.metrics import pairwise_l1_diversity
+from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
 
 MLP_NET = {"name": "mlp", "width": 32, "depth": 2}
 UNET_NET = {"name": "unet", "width": 8, "depth": 2}

@@ -1,4 +1,6 @@
-"""The README's Python example runs as written (shrunk: fewer samples and one epoch)."""
+"""The README's Python example runs as written (shrunk: fewer samples and one epoch), and its two shell commands
+are what they say: set up + train the default, then the tests in that venv, writing inside the checkout only."""
+import os
 import re
 from pathlib import Path
 
@@ -22,3 +24,37 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert tuple(scope["samples"].shape) == (100, 20, 3)
     assert tuple(scope["guided"].shape) == (100, 20, 3)
+
+
+def readme_commands() -> list[str]:
+    """The two commands of the README's first shell block (comments left out)."""
+    if not README.is_file():
+        pytest.skip("README.md not next to the tests (installed elsewhere)")
+    block = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_first_command_sets_up_and_trains_the_default(tmp_path):
+    import shlex
+
+    from tests.helpers import compose_job
+
+    setup, _ = readme_commands()
+    steps = [shlex.split(part) for part in setup.split("&&")]
+    assert steps[0] == ["python3", "-m", "venv", ".venv"]
+    assert steps[1] == [".venv/bin/pip", "install", "torch==2.13.0"]
+    assert steps[2] == [".venv/bin/pip", "install", "-e", ".[dev]"]
+    assert steps[3][0] == ".venv/bin/cgml-train"
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'TORCH_VERSION="2.13.0"' in ci                               # CI installs the same torch
+    cfg = compose_job(tmp_path, *steps[3][1:])
+    assert cfg.data._target_.endswith("DigitsDataModule") and cfg.task_name == "digits_completion"
+
+
+def test_readme_test_command_reuses_the_venv_and_writes_inside_the_checkout(tmp_path):
+    _, tests = readme_commands()
+    assert tests.split() == [".venv/bin/python", "-m", "pytest", "-q"]  # no second venv, no apt-get, no sudo
+    root = README.parent.resolve()
+    assert tmp_path.resolve().is_relative_to(root), tmp_path           # pytest's temporary folders
+    for name in ("MPLCONFIGDIR", "WANDB_DIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "JUPYTER_RUNTIME_DIR", "TORCH_HOME"):
+        assert Path(os.environ[name]).resolve().is_relative_to(root), name

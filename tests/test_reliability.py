@@ -2,7 +2,7 @@
 W&B hygiene and the NaN guard.
 
 Subprocess tests run the installed console scripts from a temporary working directory with one thread and W&B
-disabled; the in-process tests compose the shipped Hydra configs and call `cgml_lightning.cli.run_train`. Data is
+disabled; the in-process tests compose the shipped Hydra configs and call `cgml_lightning.commands.train.run_train`. Data is
 the toy (512 samples, 4 batches an epoch) or a 301-row .npz file, so every run takes seconds.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_resume_matches_uninterrupted_run(resume_runs):
 def test_resume_with_more_epochs_keeps_training(hydra_job, tmp_path):
     """`cgml-train ... trainer.max_epochs=1`, then `ckpt_path=RUN1/checkpoints/last.ckpt trainer.max_epochs=2` with a
     constant learning rate: the extra epoch trains, and the result equals a straight 2-epoch run."""
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     common = in_process_overrides("seed=7", "model.scheduler=null")
     run_train(hydra_job(tmp_path / "one", *common, "trainer.max_epochs=1"))
@@ -141,7 +141,7 @@ def test_resume_with_more_epochs_keeps_training(hydra_job, tmp_path):
 def test_resume_with_another_schedule_length_is_refused(hydra_job, tmp_path):
     """With the default cosine schedule, more epochs on resume would restore a schedule already annealed to 0:
     refused before training, naming max_epochs and init_from."""
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     common = in_process_overrides("seed=7")
     run_train(hydra_job(tmp_path / "one", *common, "trainer.max_epochs=1"))
@@ -204,7 +204,7 @@ FINETUNE = ("data.num_samples=300", "data.seed=5", "finetune.freeze=[generator.e
 def finetune_run(trained_ckpt, tmp_path_factory) -> Path:
     """`cgml-train init_from=CKPT finetune.freeze=[generator.encoder]` on a toy of another size, in-process,
     keeping its per-epoch checkpoints."""
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     out = tmp_path_factory.mktemp("finetune")
     cfg = compose_job(out, *in_process_overrides(*FINETUNE, f"init_from={trained_ckpt}",
@@ -232,7 +232,7 @@ def test_finetune_freezes_and_sizes_the_table(trained_ckpt, finetune_run):
 
 def test_resuming_a_finetune_keeps_the_freeze(trained_ckpt, finetune_run, hydra_job, tmp_path):
     """Resuming a fine-tuning run with the same command plus ckpt_path must not unfreeze the frozen layers."""
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     start = finetune_run / "checkpoints" / "epoch_000.ckpt"
     cfg = hydra_job(tmp_path / "resumed", *in_process_overrides(*FINETUNE, f"init_from={trained_ckpt}",
@@ -248,7 +248,7 @@ def test_resuming_a_finetune_keeps_the_freeze(trained_ckpt, finetune_run, hydra_
 
 # ---- 3. resume data check ----------------------------------------------------------------------------------------
 def test_resume_on_other_data_is_refused(trained_ckpt, hydra_job, tmp_path):
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     cfg = hydra_job(tmp_path / "run", *in_process_overrides("seed=7", "data.seed=1", f"ckpt_path={trained_ckpt}",
                                                             "trainer.max_epochs=3"))
@@ -276,7 +276,7 @@ def test_ddp_sim_saves_latents_from_every_rank(workdir, tmp_path):
     table = latent_table(ckpt["state_dict"])
 
     # the initial state exactly as run_train builds it (seed_everything, datamodule, module)
-    from cgml_lightning.cli import build_datamodule, build_module
+    from cgml_lightning.runs import build_datamodule, build_module
 
     cfg = compose_job(tmp_path / "rebuild", *overrides)
     try:
@@ -359,23 +359,6 @@ def test_sigusr1_saves_last_and_resumes(workdir):
 
 
 # ---- 6. Optuna sweep (test_cli covers the plain -m sweep) ------------------------------------------------------
-def test_optuna_sweep(workdir):
-    pytest.importorskip("optuna", reason="hydra-optuna-sweeper / optuna not installed")
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper not installed")
-    sweep = workdir / "optuna"
-    run_cli("cgml-train", "-m", "experiment=toy", "hparams_search=cgml_optuna", "hydra.sweeper.n_trials=2",
-            "debug=fdr", f"hydra.sweep.dir={sweep}", cwd=workdir)
-    results = sweep / "optimization_results.yaml"
-    assert results.is_file(), sorted(p.name for p in sweep.iterdir())
-    best = OmegaConf.load(results)
-    assert math.isfinite(float(best.best_value)) and 0.0 <= float(best.best_value) <= 1.0
-    assert {"model.z_lr", "model.z_steps"} <= set(best.best_params)
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists())
-    assert jobs == ["0", "1"]
-    values = [json.loads((sweep / j / "metrics.json").read_text())["mode_near_fraction"] for j in jobs]
-    assert float(best.best_value) == pytest.approx(max(values))
-
-
 # ---- 7. safety -------------------------------------------------------------------------------------------------
 def test_cli_refuses_os_system_callback(workdir, tmp_path):
     cwd = tmp_path / "cwd"
@@ -412,7 +395,7 @@ def booby_ckpt(tmp_path) -> tuple[Path, Path]:
 
 
 def test_booby_trapped_checkpoint_is_refused_in_process(booby_ckpt):
-    from cgml_lightning.cli import check_resume, load_checkpoint
+    from cgml_lightning.runs import check_resume, load_checkpoint
 
     path, flag = booby_ckpt
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported global"):
@@ -451,7 +434,7 @@ def config_keys(node, prefix: str = "") -> list[str]:
 
 def test_wandb_config_has_no_secret_and_run_is_finished(hydra_job, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)

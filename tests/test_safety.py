@@ -280,7 +280,7 @@ def test_a_nonfinite_state_is_never_saved(tmp_path):
 
 # ---- 4. ckpt_path=last ------------------------------------------------------------------------------------------
 def test_ckpt_path_last_starts_fresh_then_resumes(tmp_path):
-    from cgml_lightning.cli import run_train
+    from cgml_lightning.commands.train import run_train
 
     common = [*TOY, "~callbacks.rich_progress_bar", "logger=none", "model.scheduler=null", "ckpt_path=last"]
     try:

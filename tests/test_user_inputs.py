@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cgml_lightning import CGMLModule
+from cgml_lightning.data import DigitsDataModule
 from cgml_lightning.data.degradations import Degradation, to_grayscale
 from cgml_lightning.data.folders import ImageDataError
+from cgml_lightning.runs import load_checkpoint
 from cgml_lightning.user_inputs import (build_inputs, check_image_model, hint_guide, image_files, input_channels,
                                         load_hint, load_images, load_mask, task_degradation)
 
@@ -41,6 +45,59 @@ def test_task_degradation_from_the_recorded_data_config():
     paired = {"kind": "image", "x_shape": [3, 8, 8], "y_shape": [3, 8, 8],
               "data": {"_target_": "cgml_lightning.data.PairedFolderDataModule", "root": "/x"}}
     assert task_degradation(paired["data"], paired).task == "identity"
+
+
+def test_task_degradation_reads_the_recorded_degradation():
+    info = DigitsDataModule(mask_side="top").info()
+    assert info["degradation"] == {"task": "completion", "mask": "half", "mask_side": "top", "mask_size": 0.5,
+                                   "mask_count": 3, "stroke_width": 0.12}
+    assert task_degradation(None, info) == Degradation("completion", mask="half", mask_side="top")   # no config needed
+    recorded = {**fmnist_info("denoise", noise_sigma=0.1), "degradation": {"task": "denoise", "noise_sigma": 0.3}}
+    assert task_degradation(recorded["data"], recorded) == Degradation("denoise", noise_sigma=0.3)  # the record wins
+    paired_stream = {"kind": "image", "x_shape": [3, 8, 8], "y_shape": [3, 8, 8], "mask_channel": False,
+                     "degradation": {"task": "identity"},
+                     "data": {"_target_": "cgml_lightning.data.StreamingDataModule", "task": "completion"}}
+    assert task_degradation(paired_stream["data"], paired_stream).task == "identity"
+    for record, match in (([1, 2], "must be a mapping"), ({"task": "denoise", "_target_": "os.system"}, "_target_"),
+                          ({"task": "blur"}, "data.task must be one of"),
+                          ({"task": "denoise", "noise_sigma": -1}, ">= 0")):
+        with pytest.raises(ValueError, match=match) as err:
+            task_degradation(None, {**DIGITS_INFO, "degradation": record})
+        assert "hyper_parameters.data_info.degradation" in str(err.value)
+
+
+def test_checkpoints_with_and_without_the_record(tmp_path):
+    """A checkpoint keeps the record through a weights_only load; one made before it falls back to its data config."""
+    dm = DigitsDataModule(mask_side="left")
+    data_cfg = {"_target_": "cgml_lightning.data.DigitsDataModule", "mask_side": "left"}
+    legacy_info = {k: v for k, v in dm.info().items() if k != "degradation"}
+    for info in ({**dm.info(), "data": data_cfg}, {**legacy_info, "data": data_cfg}):
+        module = CGMLModule(info, {"name": "unet", "width": 8, "depth": 1}, latent_dim=4)
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+        trainer.strategy.connect(module)
+        trainer.save_checkpoint(tmp_path / "model.ckpt")
+        loaded = load_checkpoint(str(tmp_path / "model.ckpt")).data_info
+        assert ("degradation" in loaded) == ("degradation" in info)
+        assert task_degradation(loaded.get("data"), loaded) == Degradation("completion", mask="half", mask_side="left")
+
+
+def test_without_the_record_an_unclear_data_config_is_an_error_naming_the_keys():
+    no_config = {k: v for k, v in DIGITS_INFO.items() if k != "data"}
+    custom = {**DIGITS_INFO, "data": {"_target_": "my_lab.MaskedFacesDataModule", "root": "/x"}}
+    fmnist_defaults = fmnist_info("completion")
+    del fmnist_defaults["data"]["task"]                        # the datamodule's default task: completion
+    assert task_degradation(fmnist_defaults["data"], fmnist_defaults) == Degradation("completion")
+    paired_stream = {"kind": "image", "x_shape": [3, 8, 8], "y_shape": [3, 8, 8], "mask_channel": False,
+                     "data": {"_target_": "cgml_lightning.data.StreamingDataModule", "task": "completion"}}
+    for info, detail in ((no_config, r"data_info.data is absent"), (custom, r"MaskedFacesDataModule\) names no"),
+                         (paired_stream, "task=completion, but the recorded mask_channel is False")):
+        with pytest.raises(ValueError, match=detail) as err:
+            task_degradation(info.get("data"), info)
+        assert "hyper_parameters.data_info.degradation" in str(err.value)
+        assert "hyper_parameters.data_info.data" in str(err.value)
+    bad = fmnist_info("denoise", noise_sigma=-1)
+    with pytest.raises(ValueError, match=r"hyper_parameters.data_info.data \(cgml_lightning.data.FashionMNIST.*>= 0"):
+        task_degradation(bad["data"], bad)
 
 
 def test_vector_checkpoint_refuses_images():

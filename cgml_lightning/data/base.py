@@ -131,6 +131,7 @@ class SplitDataModule(L.LightningDataModule):
 
     kind = "vector"
     mask_channel = False        # True when x's last channel marks the hidden pixels (completion)
+    degradation: Degradation | None = None      # how x is made from y (image data); None: not declared
     collate = None
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, val_fraction: float = 0.1,
@@ -140,6 +141,11 @@ class SplitDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.num_workers, self.max_train_samples = num_workers, max_train_samples
         self.splits: dict[str, Dataset] | None = None
+
+    def degradation_info(self) -> dict[str, Any]:
+        """info()'s {"degradation": {"task": ..., its settings}} (Degradation.record), which cgml-sample applies to
+        users' images; {} where the datamodule declares no degradation (vector data)."""
+        return {} if self.degradation is None else {"degradation": self.degradation.record()}
 
     def world(self) -> tuple[int, int]:
         """(number of DDP processes, this one's rank) from the attached trainer; (1, 0) without one."""
@@ -232,7 +238,8 @@ class ArrayDataModule(SplitDataModule):
         x_shape = list(x.shape[1:]) if x is not None else list(train[0]["x"].shape)
         return {"kind": self.kind, "x_shape": x_shape, "y_shape": list(train.y.shape[1:]),
                 "num_train_samples": len(train), "mask_channel": self.mask_channel,
-                "fingerprint": fingerprint(x, train.y) if x is not None else fingerprint(train.y)}
+                "fingerprint": fingerprint(x, train.y) if x is not None else fingerprint(train.y),
+                **self.degradation_info()}
 
 
 def check_features(what: str, x: Tensor, y: Tensor) -> None:

@@ -9,6 +9,7 @@ its own mask or noise, and a resumed run or another DDP rank draws the same one 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -22,6 +23,13 @@ TASKS = ("completion", "denoise", "superres", "colorization", "identity")
 MASKS = ("half", "box", "rects", "strokes", "mixed")
 UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 LUMA = (0.299, 0.587, 0.114)                     # ITU-R BT.601 luminance weights
+TASK_SETTINGS = {                                # the settings each task reads (Degradation.record keeps these)
+    "completion": ("mask", "mask_side", "mask_size", "mask_count", "stroke_width"),
+    "denoise": ("noise_sigma",),
+    "superres": ("scale", "upsample"),
+    "colorization": (),
+    "identity": (),
+}
 
 
 # ---- completion masks: [1, H, W], 1 = hidden ----------------------------------------------------------------
@@ -172,6 +180,26 @@ class Degradation:
     def pop_from(cls, kwargs: dict[str, Any]) -> "Degradation":
         """Take this class's fields out of a datamodule's keyword arguments (the rest go to the base class)."""
         return cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
+
+    def record(self) -> dict[str, Any]:
+        """The task and the settings it reads, as plain values: what a datamodule's info() records as "degradation"
+        (checkpoints keep it in data_info), read back by `from_record`."""
+        return {"task": self.task, **{name: getattr(self, name) for name in TASK_SETTINGS[self.task]}}
+
+    @classmethod
+    def from_record(cls, record: Any, source: str = "degradation") -> "Degradation":
+        """The Degradation a `record()` describes: plain values for this class's fields, nothing else; errors name
+        `source` (where the record came from)."""
+        if not isinstance(record, Mapping) or "task" not in record:
+            raise ValueError(f"{source} must be a mapping with a 'task' key (and the task's settings); got {record!r}")
+        unknown = sorted(str(k) for k in set(record) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source} holds key(s) no degradation takes: {', '.join(unknown)} "
+                             f"(record: {dict(record)})")
+        try:
+            return cls(**record)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
 
     @property
     def mask_channel(self) -> bool:

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from cgml_lightning.data.base import ArrayDataModule
-from cgml_lightning.data.degradations import apply_mask, half_mask
+from cgml_lightning.data.degradations import Degradation
 
 
 class DigitsDataModule(ArrayDataModule):
@@ -15,12 +15,13 @@ class DigitsDataModule(ArrayDataModule):
     def __init__(self, mask_side: str = "bottom", **kwargs):
         super().__init__(**kwargs)
         self.mask_side = mask_side
+        self.degradation = Degradation(task="completion", mask="half", mask_side=mask_side)
 
     def load_arrays(self) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
 
         y = torch.from_numpy(load_digits().images).float()[:, None] / 16.0       # [1797, 1, 8, 8] in [0, 1]
-        return apply_mask(y, half_mask(y.shape, self.mask_side)), y              # x: [1797, 2, 8, 8]
+        return self.degradation(y), y                                            # x: [1797, 2, 8, 8]
 
     def load_labels(self) -> Tensor:
         from sklearn.datasets import load_digits

@@ -471,7 +471,7 @@ class FolderDataModule(SplitDataModule):
         self.setup()
         x_shape, y_shape = self.shapes()
         return {"kind": self.kind, "x_shape": x_shape, "y_shape": y_shape, "num_train_samples": len(self.splits["train"]),
-                "mask_channel": self.mask_channel, "fingerprint": self._fingerprint}
+                "mask_channel": self.mask_channel, "fingerprint": self._fingerprint, **self.degradation_info()}
 
 
 class ImageFolderDataModule(FolderDataModule):
@@ -508,6 +508,8 @@ class PairedFolderDataModule(FolderDataModule):
     either A|B images side by side (pix2pix: each image is split in half across its width), or subfolders A/ and
     B/ with matching file names (extension aside). layout: auto | side_by_side | folders. A training draw crops and
     flips A and B alike."""
+
+    degradation = Degradation(task="identity")          # x is image A as it is
 
     def __init__(self, root: str | None = None, layout: str = "auto", direction: str = "AtoB", **kwargs):
         super().__init__(root=root, **kwargs)

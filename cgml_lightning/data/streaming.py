@@ -235,9 +235,10 @@ class StreamingDataModule(SplitDataModule):
             import torch
 
             x_shape = list(self.degradation(torch.zeros(1, c, size, size), torch.Generator().manual_seed(0)).shape[1:])
+        degradation = Degradation(task="identity") if self.manifest["paired"] else self.degradation
         return {"kind": self.kind, "x_shape": x_shape, "y_shape": [c, size, size],
                 "num_train_samples": int(self.manifest["splits"]["train"]), "mask_channel": self.mask_channel,
-                "fingerprint": self.manifest["fingerprint"]}
+                "fingerprint": self.manifest["fingerprint"], "degradation": degradation.record()}
 
     def _loader(self, split: str, shuffle: bool):
         import torch

@@ -1,23 +1,27 @@
-"""What every conditional module shares: data description, generator, optimizers, sampling API, validation."""
+"""What every conditional module shares: data description, generator, training plumbing (optimizers, schedulers,
+manual steps, gradient clipping, the NaN/Inf guard), checkpoints, the sampling API and validation.
+A model file holds its method only: its losses, its training step and its `_sample`."""
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import shutil
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from cgml_lightning import nets
 from cgml_lightning.algorithm import distance, medoids
+from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
 from cgml_lightning.files import read_checkpoint, read_checkpoint_bytes
 from cgml_lightning.instantiate import instantiate
-from cgml_lightning.metrics import pairwise_l1_diversity
-from cgml_lightning.nets import build_generator
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+UNGUIDED = "guided sampling needs model=cgml (its latent dynamics); model={name} samples unguided only"
 
 
 def compiled(fn: Callable) -> Callable:
@@ -34,25 +38,47 @@ def compiled(fn: Callable) -> Callable:
     return fn
 
 
+def repeat_feats(feats: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    """The encoder features of the inputs `rows` names, one row each (an input appears as often as named)."""
+    return tuple(f[rows] for f in feats)
+
+
+def sample_rows(num_inputs: int, num_samples: int, device: torch.device) -> Tensor:
+    """Which input each of B*N sample rows belongs to: row b*N + i -> input b."""
+    return torch.arange(num_inputs, device=device).repeat_interleave(num_samples)
+
+
+def in_chunks(fn: Callable[[Tensor], Tensor], num_rows: int, chunk_size: int, device: torch.device) -> Tensor:
+    """fn over the row indices 0..num_rows-1, chunk_size indices at a time, concatenated: memory bounded by the
+    chunk, however many rows (B*N samples) there are."""
+    return torch.cat([fn(chunk) for chunk in torch.arange(num_rows, device=device).split(chunk_size)])
+
+
 class ConditionalModule(L.LightningModule):
     """Base for cGML and its baselines. Hyperparameters are plain containers, so checkpoints load with
     `torch.load(weights_only=True)` and `load_from_checkpoint(path)` needs no other argument.
 
     data_info: {"kind", "x_shape", "y_shape", "num_train_samples", "fingerprint", "mask_channel"?}, from the datamodule.
     net: plain generator config ({"name": "mlp"|"unet", ...}); optimizer/scheduler: `_partial_` factories.
+
+    Hooks a module overrides: build_generator (a net reading other inputs than (x, z)), optimizer_groups (more than
+    one optimizer), probe_features (an encoder reading more than x), guide_error (None where guided sampling works).
     """
 
     module_name: str = ""       # the registry key (model=NAME); stored in checkpoints to pick the class on load
     latent_dim: int = 0
+    guide_error: str | None = UNGUIDED  # why sample(guide=...) is refused ({name}: module_name); None: guidable
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 0, distance: str = "l1",
                  distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
                  val_num_samples: int = 4, compile: bool = False, channels_last: bool = False):
         super().__init__()
+        # hparams: the arguments of the module's own __init__ (the one calling this), as it received them
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
         self.data_info = dict(data_info)
         self.x_shape, self.y_shape = tuple(data_info["x_shape"]), tuple(data_info["y_shape"])
         self.latent_dim = latent_dim
-        self.generator = build_generator(net, self.x_shape, self.y_shape, latent_dim)
+        self.generator = self.build_generator(net)
         if channels_last:            # channels-last weights make every conv's output channels-last, inputs included
             self.generator.to(memory_format=torch.channels_last)
         if compile:                   # encode/decode, not forward: those are what training and sampling call
@@ -61,6 +87,16 @@ class ConditionalModule(L.LightningModule):
         if distance_region not in ("auto", "all", "hole"):
             raise ValueError(f"model.distance_region must be auto, all or hole; got {distance_region!r}")
         self.masked = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")
+
+    def build_generator(self, net: dict[str, Any]) -> nn.Module:
+        """The generator G(x, z) from the plain net config; called once in __init__, after x_shape, y_shape and
+        latent_dim are set and before channels_last/compile are applied to what it returns."""
+        return nets.build_generator(net, self.x_shape, self.y_shape, self.latent_dim)
+
+    def probe_features(self, x: Tensor) -> Tensor:
+        """Frozen encoder features of inputs x [B, *x_shape]: Tensor[B, generator.feature_dim], the generator's
+        summary of its encoding (the U-Net's pooled bottleneck, the MLP's hidden layer); what a linear probe reads."""
+        return self.generator.summarize(self.generator.encode(x))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
@@ -160,11 +196,51 @@ class ConditionalModule(L.LightningModule):
     def distance(self, pred: Tensor, y: Tensor, x: Tensor) -> Tensor:
         return distance(pred, y, self.hparams.distance, weight=self.hole(x) if self.masked else None)
 
-    # ---- optimizers ---------------------------------------------------------------------------------------
+    # ---- optimizers, schedulers and manual steps ------------------------------------------------------------
     def build_optimizer(self, params, cfg: dict | None):
+        """(optimizer, its scheduler or None): the optimizer from cfg (Adam, lr 1e-3 when None), model.scheduler."""
         optimizer = instantiate(cfg or DEFAULT_OPTIMIZER)(params)
         scheduler = instantiate(self.hparams.scheduler)(optimizer) if self.hparams.scheduler else None
         return optimizer, scheduler
+
+    def optimizer_groups(self) -> list[tuple[Iterable[nn.Parameter], dict | None]]:
+        """(parameters, optimizer config) per optimizer, in the order self.optimizers() returns them. One group under
+        automatic optimization; a module stepping by hand (automatic_optimization = False) may have several."""
+        return [(self.parameters(), self.hparams.optimizer)]
+
+    def configure_optimizers(self):
+        built = [self.build_optimizer(params, cfg) for params, cfg in self.optimizer_groups()]
+        optimizers, schedulers = [o for o, _ in built], [s for _, s in built if s is not None]
+        if self.automatic_optimization:                 # Lightning steps the one scheduler, once per epoch
+            return optimizers[0] if not schedulers else {"optimizer": optimizers[0], "lr_scheduler": schedulers[0]}
+        return optimizers, schedulers
+
+    def on_train_epoch_end(self) -> None:
+        """Under manual optimization Lightning steps no scheduler: step every one once per epoch here."""
+        if self.automatic_optimization:
+            return
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+
+    def zero_grads(self) -> None:
+        """Clear every optimizer's gradients (set to None), so no stale gradient of another step lingers."""
+        for optimizer in self.optimizers():
+            optimizer.zero_grad(set_to_none=True)
+
+    def clip(self, optimizer) -> None:
+        """Clip the gradients of the optimizer's parameters to model.clip_grad_norm (manual optimization: the
+        trainer's gradient_clip_val does not apply); nothing when it is unset."""
+        if self.hparams.get("clip_grad_norm"):
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.clip_grad_norm,
+                                gradient_clip_algorithm="norm")
+
+    def manual_step(self, loss: Tensor, optimizer) -> None:
+        """One step of one optimizer by hand: clear all gradients, backward the loss, clip, step."""
+        self.zero_grads()
+        self.manual_backward(loss)
+        self.clip(optimizer)
+        optimizer.step()
 
     # ---- sampling -----------------------------------------------------------------------------------------
     def sample(self, x: Tensor, num_samples: int = 10, steps: int | None = None,
@@ -177,6 +253,8 @@ class ConditionalModule(L.LightningModule):
         drawn = num_samples if pool is None else pool
         if drawn < num_samples:
             raise ValueError(f"sample_pool={pool} must be at least num_samples={num_samples}")
+        if guide is not None and self.guide_error:
+            raise ValueError(self.guide_error.format(name=self.module_name))
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         was_training = self.training
@@ -195,7 +273,15 @@ class ConditionalModule(L.LightningModule):
             self.train(was_training)
 
     def _sample(self, x, num_samples, steps, guide, generator, **kwargs) -> Tensor:
+        """num_samples outputs per input x [B, ...]: Tensor[B, N, *y_shape], before the completion composite.
+        Randomness from `generator` only; guide is None unless guide_error is None."""
         raise NotImplementedError
+
+    def decode_rows(self, feats: tuple[Tensor, ...], z: Tensor, rows: Tensor, chunk_size: int) -> Tensor:
+        """G's outputs [R, *y_shape] for latents z [R, d], row r decoded with the features of input rows[r];
+        chunk_size rows per decoder pass."""
+        return in_chunks(lambda c: self.generator.decode(repeat_feats(feats, rows[c]), z[c]), len(z), chunk_size,
+                         rows.device)
 
     # ---- validation: best-of-N distance (lower is better) and diversity ----------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cgml_lightning.algorithm import project
 from cgml_lightning.modules.base import ConditionalModule
-from cgml_lightning.modules.cvae import no_guide, sample_from_prior
+from cgml_lightning.modules.gaussian import kl_to_prior, reparameterise, sample_from_prior, split_gaussian
 from cgml_lightning.nets import build_discriminator, build_encoder
 
 
@@ -46,7 +46,6 @@ class CGANModule(ConditionalModule):
                  compile: bool = False, channels_last: bool = False):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
-        self.save_hyperparameters()
         self.automatic_optimization = False                     # D and G(+E_z) step in turn
         if latent_dim < 1:
             raise ValueError(f"model.latent_dim must be >= 1 for the cGAN; got {latent_dim}")
@@ -71,10 +70,7 @@ class CGANModule(ConditionalModule):
     def encode_latent(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
         """E_z(y): (mu, logvar) with the encoded branch, else (z_hat, None)."""
         out = self.z_encoder(y)
-        if not self.hparams.encoded_branch:
-            return out, None
-        mu, logvar = out.chunk(2, dim=1)
-        return mu, logvar.clamp(-10.0, 10.0)
+        return split_gaussian(out) if self.hparams.encoded_branch else (out, None)
 
     def forward_pass(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """One generator pass per branch, shared by the D and G steps: z, fakes [y_hat(, y_rec)], (mu, logvar)."""
@@ -83,7 +79,7 @@ class CGANModule(ConditionalModule):
         out["fakes"] = [self.composite(self.generator.decode(feats, out["z"]), x)]
         if self.hparams.encoded_branch:
             out["mu"], out["logvar"] = self.encode_latent(y)
-            z_enc = out["mu"] + (0.5 * out["logvar"]).exp() * torch.randn_like(out["mu"])
+            z_enc = reparameterise(out["mu"], out["logvar"])
             out["fakes"].append(self.composite(self.generator.decode(feats, z_enc), x))
         return out
 
@@ -103,8 +99,7 @@ class CGANModule(ConditionalModule):
         }
         loss = parts["adv"] + hp.lambda_l1 * parts["l1"] + hp.lambda_z * parts["z"]
         if hp.encoded_branch:
-            mu, logvar = out["mu"], out["logvar"]
-            parts["kl"] = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+            parts["kl"] = kl_to_prior(out["mu"], out["logvar"]).sum(1).mean()
             loss = loss + hp.lambda_kl * parts["kl"]
         return loss, parts
 
@@ -114,44 +109,21 @@ class CGANModule(ConditionalModule):
         out = self.forward_pass(x, y)
 
         d_loss = self.discriminator_loss(x, y, out)             # fakes detached inside: D's params only
-        self.zero_grads()
-        self.manual_backward(d_loss)
-        self.clip(opt_d)
-        opt_d.step()
+        self.manual_step(d_loss, opt_d)
 
         self.toggle_optimizer(opt_g)                            # D frozen: the G loss's gradients reach G and E_z only
         g_loss, parts = self.generator_loss(x, y, out)
-        self.zero_grads()
-        self.manual_backward(g_loss)
-        self.clip(opt_g)
-        opt_g.step()
+        self.manual_step(g_loss, opt_g)
         self.untoggle_optimizer(opt_g)
 
         self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach(),
                        **{f"train/g_{k}": v.detach() for k, v in parts.items()}}, prog_bar=True, batch_size=len(x))
 
-    def zero_grads(self) -> None:
-        """Every step starts from no gradient at all, so no stale gradient of the other step lingers."""
-        for optimizer in self.optimizers():
-            optimizer.zero_grad(set_to_none=True)
-
-    def clip(self, optimizer) -> None:
-        if self.hparams.clip_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.clip_grad_norm,
-                                gradient_clip_algorithm="norm")
-
-    def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
-
-    def configure_optimizers(self):
-        opt_d, sched_d = self.build_optimizer(self.discriminator.parameters(),
-                                              self.hparams.discriminator_optimizer or self.hparams.optimizer)
-        opt_g, sched_g = self.build_optimizer([*self.generator.parameters(), *self.z_encoder.parameters()],
-                                              self.hparams.optimizer)
-        return [opt_d, opt_g], [s for s in (sched_d, sched_g) if s is not None]
+    def optimizer_groups(self):
+        """opt_d: the discriminator (discriminator_optimizer, else the same optimizer); opt_g: G and E_z."""
+        hp = self.hparams
+        return [(self.discriminator.parameters(), hp.discriminator_optimizer or hp.optimizer),
+                ([*self.generator.parameters(), *self.z_encoder.parameters()], hp.optimizer)]
 
     def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, chunk_size: int = 8192) -> Tensor:
-        no_guide(guide, self.module_name)
         return sample_from_prior(self, x, num_samples, generator, self.hparams.latent_prior, chunk_size)

@@ -8,16 +8,30 @@ import torch
 from torch import Tensor, nn
 
 from cgml_lightning import algorithm as A
-from cgml_lightning.modules.base import ConditionalModule
+from cgml_lightning.modules.base import ConditionalModule, in_chunks, repeat_feats, sample_rows
 from cgml_lightning.nets import DynamicsNet
 
 
-def repeat_feats(feats: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
-    return tuple(f[rows] for f in feats)
-
-
 class CGMLModule(ConditionalModule):
+    """cGML: per batch, a z-phase (gradient steps on z alone from mode-consistent starts), a Z-phase (the dynamics
+    net regresses the z-trajectory), the converged z written to the latent table, and a w-phase (encoder + decoder
+    fitted at the converged z). Sampling walks sphere or table starts with Z, optionally guided.
+
+    The latent table `latents` [num_train_samples, d] holds, per training example, the z its last z-phase converged
+    to (written whenever the example is in a finite training batch; every rank holds the whole table). Its uses:
+    - the z-phase's warm start: the example's row is one start candidate, unless replaced by a fresh sphere point
+      with probability restart_prob. At restart_prob=1 (the default, which every shipped setting keeps) it is
+      always replaced, so no row ever becomes a training start;
+    - sample_starts=table (the vector-data settings, model_for_net/cgml_mlp): sampling starts from the rows of the
+      training inputs whose encoder summaries (`latent_keys`, written with the rows) are nearest the input's;
+    - guided sampling with table starts: the guided latents are snapped back onto those neighbours' rows;
+    - resume: the table is checkpointed, so a resumed run holds the rows written before the interruption.
+    Fine-tuning (init_from) never copies it: its rows belong to the old training data, so the fine-tuned model
+    starts a fresh table sized for the new data.
+    """
+
     module_name = "cgml"
+    guide_error = None
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
                  latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
@@ -31,7 +45,6 @@ class CGMLModule(ConditionalModule):
                  compile: bool = False, channels_last: bool = False, start_batching: str = "loop"):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
-        self.save_hyperparameters()
         self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
         self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
         if self.lipschitz["kind"] not in ("none", "perturbation", "spectral"):
@@ -136,15 +149,13 @@ class CGMLModule(ConditionalModule):
         dyn_loss = self.dynamics_phase_loss(hbar, path)
         w_loss = self.generator_phase_loss(feats, path[-1], y, x)
         # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
-        opt_w.zero_grad(set_to_none=True)
-        opt_z.zero_grad(set_to_none=True)
+        self.zero_grads()
         self.manual_backward(w_loss + dyn_loss)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not self.all_finite(w_loss, dyn_loss, path[-1], torch.nn.utils.get_total_norm(grads)):
             return self.skip_nonfinite(batch_idx)
         self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
-        if self.hparams.clip_grad_norm:
-            self.clip_gradients(opt_w, gradient_clip_val=self.hparams.clip_grad_norm, gradient_clip_algorithm="norm")
+        self.clip(opt_w)                                                                # encoder + decoder only
         opt_w.step()
         opt_z.step()
         self.nonfinite_streak = 0
@@ -165,16 +176,11 @@ class CGMLModule(ConditionalModule):
                 f"(step {self.global_step}), the loop at this batch. Lower the learning rates or z_lr, set "
                 f"model.clip_grad_norm, or run with debug=anomaly to find the op.")
 
-    def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
-
-    def configure_optimizers(self):
-        opt_w, sched_w = self.build_optimizer(self.generator.parameters(), self.hparams.optimizer)
-        opt_z, sched_z = self.build_optimizer(self.dynamics.parameters(),
-                                              self.hparams.dynamics_optimizer or self.hparams.optimizer)
-        return [opt_w, opt_z], [s for s in (sched_w, sched_z) if s is not None]
+    def optimizer_groups(self):
+        """opt_w: encoder + decoder; opt_z: the dynamics net (dynamics_optimizer, else the same optimizer)."""
+        hp = self.hparams
+        return [(self.generator.parameters(), hp.optimizer),
+                (self.dynamics.parameters(), hp.dynamics_optimizer or hp.optimizer)]
 
     # ---- inference ----------------------------------------------------------------------------------------
     def _sample(self, x: Tensor, num_samples: int, steps: int | None, guide, generator, chunk_size: int = 8192,
@@ -189,7 +195,7 @@ class CGMLModule(ConditionalModule):
             z = self.table_starts(neighbours, n, generator)                             # row b*N + i -> input b
         else:
             z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)
-        rows = torch.arange(b, device=x.device).repeat_interleave(n)
+        rows = sample_rows(b, n, x.device)
         if guide is not None:
             # steer the starting points toward the constraint through G, then back onto a learned mode: the
             # nearest of the neighbours' table latents (table starts), or Z's walk
@@ -198,9 +204,7 @@ class CGMLModule(ConditionalModule):
                 z = self.snap_to_table(feats, z, neighbours)
             steps = steps if guide_settle_steps is None else guide_settle_steps
         z = self.walk(z, hbar, rows, steps, chunk_size)
-        out = [self.generator.decode(repeat_feats(feats, rows[c]), z[c])
-               for c in torch.arange(b * n, device=x.device).split(chunk_size)]       # bounded memory for large N
-        return torch.cat(out).view(b, n, *self.y_shape)
+        return self.decode_rows(feats, z, rows, chunk_size).view(b, n, *self.y_shape)
 
     def table_neighbours(self, hbar: Tensor, chunk_size: int = 256) -> Tensor:
         """Rows [B, k] of the `table_neighbours` training inputs whose keys (encoder summaries) are nearest each
@@ -225,40 +229,36 @@ class CGMLModule(ConditionalModule):
         its own output (guided latents may leave every branch; the table's outputs lie on them)."""
         (b, k), d = neighbours.shape, z.shape[-1]
         z = z.view(b, -1, d)                                                            # [B, N, d]
-        n, out = z.shape[1], []
-        for inputs in torch.arange(b, device=z.device).split(max(1, chunk_size // (n + k))):   # bounded memory
+        n = z.shape[1]
+
+        def snap(inputs: Tensor) -> Tensor:
             candidates = self.latents[neighbours[inputs]].to(z.dtype)                   # [b', k, d]
             both = torch.cat([z[inputs], candidates], dim=1)                            # [b', N + k, d]
             decoded = self.generator.decode(repeat_feats(feats, inputs.repeat_interleave(n + k)), both.flatten(0, 1))
             decoded = decoded.reshape(len(inputs), n + k, -1)                           # [b', N + k, D]
             best = torch.cdist(decoded[:, :n], decoded[:, n:]).argmin(dim=-1)           # [b', N]
-            out.append(candidates.gather(1, best[..., None].expand(-1, -1, d)))
-        return torch.cat(out).flatten(0, 1)
+            return candidates.gather(1, best[..., None].expand(-1, -1, d))
+
+        return in_chunks(snap, b, max(1, chunk_size // (n + k)), z.device).flatten(0, 1)   # whole inputs per chunk
 
     def walk(self, z: Tensor, hbar: Tensor, rows: Tensor, steps: int, chunk_size: int) -> Tensor:
         """`steps` moves of Z's update rule, on the small latent path only (chunked over the B*N rows)."""
-        out = []
-        for chunk in torch.arange(len(z), device=z.device).split(chunk_size):
+        def walk_chunk(chunk: Tensor) -> Tensor:
             z_c, h_c = z[chunk], hbar[rows[chunk]]
             for _ in range(steps):
                 z_c = A.dynamics_step(z_c, *self.dynamics(h_c, z_c))
-            out.append(z_c)
-        return torch.cat(out)
+            return z_c
+
+        return in_chunks(walk_chunk, len(z), chunk_size, z.device)
 
     def guided_latents(self, feats, z, rows, guide, bn, steps: int, lr: float) -> Tensor:
-        """Steer z by normalized gradient steps (length lr, decaying) on a differentiable penalty
-        guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter.
+        """Steer z by normalized gradient steps (length lr, decaying; algorithm.z_descent) on a differentiable
+        penalty guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter.
 
         _sample guides the starting points (fresh sphere points, or the drawn table latents, which snap_to_table
         then puts back onto a branch), before any Z-step, then walks them with Z (guide_settle_steps, default the
-        inference steps). Guiding after the Z-steps instead starts every latent at a mode, where the
-        decoder is flat in z: on the toy (relu(-y[0]) guide) only 0.85 of the samples then reached y[0] > 0,
-        against 0.99 from the raw starts, with 0.96 within 10% of the + mode (= the unguided near-mode share)."""
+        inference steps). Guiding after the Z-steps instead would start every latent at a mode, where the decoder
+        is flat in z, and fewer samples reach the constraint (docs/results.md, guided sampling)."""
         feats = repeat_feats(feats, rows)
-        for t in range(steps):
-            z = z.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(guide(self.generator.decode(feats, z).view(*bn, *self.y_shape)), z)
-            step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            z = A.project(z.detach() - lr * (1 - t / steps) * step)
-        return z.detach()
+        penalty = lambda z_: guide(self.generator.decode(feats, z_).view(*bn, *self.y_shape))  # noqa: E731
+        return A.z_descent(penalty, z, steps, lr, normalized=True, path=False)

@@ -6,30 +6,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cgml_lightning.algorithm import project
 from cgml_lightning.modules.base import ConditionalModule
+from cgml_lightning.modules.gaussian import kl_to_prior, reparameterise, sample_from_prior, split_gaussian
 from cgml_lightning.nets import build_encoder
 from cgml_lightning.nets.layers import init_weights, mlp
-
-
-def sample_from_prior(module: ConditionalModule, x: Tensor, num_samples: int, generator: torch.Generator | None,
-                      prior: str = "gaussian", chunk_size: int = 8192) -> Tensor:
-    """Decode N prior latents per input: Tensor[B, N, *y_shape]. The encoder runs once per input; the B*N latents
-    are decoded in chunks (row b*N + i -> input b). Randomness comes from `generator` only (drawn on CPU)."""
-    b, n = len(x), num_samples
-    feats = module.generator.encode(x)
-    z = torch.randn(b * n, module.latent_dim, generator=generator).to(x)              # [B*N, d]
-    if prior == "sphere":
-        z = project(z)
-    rows = torch.arange(b, device=x.device).repeat_interleave(n)
-    out = [module.generator.decode(tuple(f[rows[c]] for f in feats), z[c])
-           for c in torch.arange(b * n, device=x.device).split(chunk_size)]
-    return torch.cat(out).view(b, n, *module.y_shape)
-
-
-def no_guide(guide, name: str) -> None:
-    if guide is not None:
-        raise ValueError(f"guided sampling needs model=cgml (its latent dynamics); model={name} samples unguided only")
 
 
 class CVAEModule(ConditionalModule):
@@ -42,7 +22,6 @@ class CVAEModule(ConditionalModule):
                  compile: bool = False, channels_last: bool = False):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
-        self.save_hyperparameters()
         if latent_dim < 1:
             raise ValueError(f"model.latent_dim must be >= 1 for the cVAE; got {latent_dim}")
         cfg = {"width": 64, "depth": 2, **(posterior_net or {})}
@@ -53,8 +32,7 @@ class CVAEModule(ConditionalModule):
 
     def encode_posterior(self, hbar: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar), each [B, d]."""
-        mu, logvar = self.posterior(torch.cat([hbar, self.target_encoder(y)], dim=1)).chunk(2, dim=1)
-        return mu, logvar.clamp(-10.0, 10.0)
+        return split_gaussian(self.posterior(torch.cat([hbar, self.target_encoder(y)], dim=1)))
 
     def kl_weight(self) -> float:
         """beta, ramped linearly from 0 over kl_warmup_steps, so the decoder learns to use z before KL squeezes it."""
@@ -65,9 +43,8 @@ class CVAEModule(ConditionalModule):
         """(total, reconstruction, KL); the KL term counts at least free_bits nats per latent dimension."""
         feats = self.generator.encode(x)
         mu, logvar = self.encode_posterior(self.generator.summarize(feats), y)
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)                              # reparameterisation
-        recon = self.distance(self.generator.decode(feats, z), y, x).mean()
-        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)                # [d], batch mean
+        recon = self.distance(self.generator.decode(feats, reparameterise(mu, logvar)), y, x).mean()
+        kl_per_dim = kl_to_prior(mu, logvar).mean(0)                                      # [d], batch mean
         kl_term = kl_per_dim.clamp_min(self.hparams.free_bits).sum()
         return recon + self.kl_weight() * kl_term, recon, kl_per_dim.sum()
 
@@ -77,10 +54,5 @@ class CVAEModule(ConditionalModule):
                        "train/kl_weight": self.kl_weight()}, prog_bar=True, batch_size=len(batch["x"]))
         return loss
 
-    def configure_optimizers(self):
-        optimizer, scheduler = self.build_optimizer(self.parameters(), self.hparams.optimizer)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
-
     def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, chunk_size: int = 8192) -> Tensor:
-        no_guide(guide, self.module_name)
         return sample_from_prior(self, x, num_samples, generator, "gaussian", chunk_size)

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cgml_lightning.modules.base import ConditionalModule
-from cgml_lightning.modules.cvae import no_guide
-from cgml_lightning.nets import build_generator
+from cgml_lightning import nets
+from cgml_lightning.modules.base import ConditionalModule, in_chunks, sample_rows
 
 
 def time_embedding(t: Tensor, dim: int, max_freq: float = 1000.0) -> Tensor:
@@ -43,21 +42,30 @@ class FlowModule(ConditionalModule):
             raise ValueError(f"model.sampler must be euler or heun; got {sampler!r}")
         super().__init__(data_info, net, time_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
-        self.save_hyperparameters()
-        # The base builds G(x, z); the velocity net needs G(concat(x, x_t), t), so replace it (the base has no hook).
-        # Velocities are unbounded: no output sigmoid.
+
+    def build_generator(self, net: dict[str, Any]) -> torch.nn.Module:
+        """The velocity net G(concat(x, x_t), t): the generator on the joined input, the time embedding (latent_dim =
+        time_dim) in place of z. Velocities are unbounded: no output sigmoid."""
         net = {**net, "out_activation": "none"} if net.get("name") == "unet" else dict(net)
         if len(self.x_shape) == 3 and len(self.y_shape) == 3:
             in_shape = (self.x_shape[0] + self.y_shape[0], *self.x_shape[1:])
         else:
             in_shape = (math.prod(self.x_shape) + math.prod(self.y_shape),)
-        self.generator = build_generator(net, in_shape, self.y_shape, time_dim)
+        return nets.build_generator(net, in_shape, self.y_shape, self.latent_dim)
+
+    @staticmethod
+    def velocity_input(x: Tensor, x_t: Tensor) -> Tensor:
+        """What the velocity net reads: concat(x, x_t), on channels for images, flat for vectors."""
+        return torch.cat([x, x_t], dim=1) if x.dim() == 4 else torch.cat([x.flatten(1), x_t.flatten(1)], dim=1)
 
     def velocity(self, x: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """v(x_t, t | x): [B, *y_shape]; t is [B]."""
-        inp = torch.cat([x, x_t], dim=1) if x.dim() == 4 else torch.cat([x.flatten(1), x_t.flatten(1)], dim=1)
-        feats = self.generator.encode(inp)
+        feats = self.generator.encode(self.velocity_input(x, x_t))
         return self.generator.decode(feats, time_embedding(t, self.hparams.time_dim))
+
+    def probe_features(self, x: Tensor) -> Tensor:
+        """The velocity net's summary of x at t = 0, with x_t at the mean of its noise (zeros)."""
+        return super().probe_features(self.velocity_input(x, x.new_zeros(len(x), *self.y_shape)))
 
     def known(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """For completion: (the visible pixels of y, the hole mask), else None."""
@@ -74,21 +82,16 @@ class FlowModule(ConditionalModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
         return loss
 
-    def configure_optimizers(self):
-        optimizer, scheduler = self.build_optimizer(self.parameters(), self.hparams.optimizer)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
-
     def _sample(self, x: Tensor, num_samples: int, steps: int | None, guide, generator,
                 chunk_size: int = 4096) -> Tensor:
-        no_guide(guide, self.module_name)
         steps = self.hparams.sample_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"flow sampling needs steps >= 1; got {steps}")
         b, n = len(x), num_samples
         x0 = torch.randn(b * n, *self.y_shape, generator=generator).to(x)             # row b*N + i -> input b
-        rows = torch.arange(b, device=x.device).repeat_interleave(n)
-        out = [self.integrate(x[rows[c]], x0[c], steps) for c in torch.arange(b * n, device=x.device).split(chunk_size)]
-        out = torch.cat(out).view(b, n, *self.y_shape)
+        rows = sample_rows(b, n, x.device)
+        out = in_chunks(lambda c: self.integrate(x[rows[c]], x0[c], steps), b * n, chunk_size, x.device)
+        out = out.view(b, n, *self.y_shape)
         return out.clamp(0, 1) if self.data_info.get("kind") == "image" else out
 
     def integrate(self, x: Tensor, x0: Tensor, steps: int) -> Tensor:

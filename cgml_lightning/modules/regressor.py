@@ -10,6 +10,7 @@ from cgml_lightning.modules.base import ConditionalModule
 
 class RegressorModule(ConditionalModule):
     module_name = "regressor"
+    guide_error = "the regressor has no latent to steer: guided sampling needs model=cgml"
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], distance: str = "l1",
                  distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
@@ -18,7 +19,6 @@ class RegressorModule(ConditionalModule):
         # latent_dim is accepted and ignored: experiments set it for every model, and the regressor has no z
         super().__init__(data_info, net, 0, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
-        self.save_hyperparameters()
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.generator.encode(x)
@@ -30,12 +30,6 @@ class RegressorModule(ConditionalModule):
         self.log("train/w_loss", loss.detach(), prog_bar=True, batch_size=len(x))
         return loss
 
-    def configure_optimizers(self):
-        optimizer, scheduler = self.build_optimizer(self.parameters(), self.hparams.optimizer)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
-
     def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, **kwargs) -> Tensor:
-        if guide is not None:
-            raise ValueError("the regressor has no latent to steer: guided sampling needs model=cgml")
         out = self(x)
         return out[:, None].expand(len(x), num_samples, *out.shape[1:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from cgml_lightning.data.base import fingerprint
+from cgml_lightning.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,10 @@ class ImageClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: Tensor, batch_size: int = 1024) -> Tensor:
-        """Class per image, [B] (batched, eval mode)."""
+        """Class per image, [B] on x's device (batched, eval mode, run on the classifier's device)."""
         self.eval()
-        return torch.cat([self(chunk).argmax(1) for chunk in x.split(batch_size)])
+        device = self.head.weight.device
+        return torch.cat([self(chunk.to(device)).argmax(1) for chunk in x.split(batch_size)]).to(x.device)
 
 
 class ClassifierFeatures(nn.Module):
@@ -130,19 +133,27 @@ def has_labels(datamodule) -> bool:
 
 
 def train_classifier(images: Tensor, labels: Tensor, num_classes: int, width: int = 16, feature_dim: int = 64,
-                     steps: int = 800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> ImageClassifier:
-    """Adam on cross-entropy for `steps` minibatches drawn (seeded) from images [N, C, H, W] / labels [N]."""
+                     steps: int = 800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                     device: str | torch.device | None = None) -> ImageClassifier:
+    """Adam on cross-entropy for `steps` minibatches drawn (seeded) from images [N, C, H, W] / labels [N], on
+    `device` (default CPU); returns the classifier there, in eval mode. The weights are initialised and the rows
+    drawn on the CPU with the seed, so the minibatches do not depend on the device and CPU runs repeat exactly.
+    Only each minibatch moves to the device, not the whole training split."""
+    device = torch.device(device or "cpu")
     torch.manual_seed(seed)
-    net = ImageClassifier(images.shape[1], num_classes, width, feature_dim)
+    net = ImageClassifier(images.shape[1], num_classes, width, feature_dim).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     net.train()
-    for _ in range(steps):
-        rows = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        loss = F.cross_entropy(net(images[rows]), labels[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    description = f"classifier: {steps} steps on {len(images)} images ({device})"
+    with closing(track(range(steps), description)) as step_range:
+        for _ in step_range:
+            rows = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+            batch = images[rows].to(device, non_blocking=True)
+            loss = F.cross_entropy(net(batch), labels[rows].to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     return net.eval()
 
 
@@ -150,9 +161,11 @@ def accuracy(classifier: ImageClassifier, images: Tensor, labels: Tensor, num_cl
     return multiclass_accuracy(classifier.predict(images), labels, num_classes, average="micro").item()
 
 
-def load_or_train_classifier(datamodule, cache_dir: str | Path, **settings) -> tuple[ImageClassifier, dict[str, Any]]:
+def load_or_train_classifier(datamodule, cache_dir: str | Path, device: str | torch.device | None = None,
+                             **settings) -> tuple[ImageClassifier, dict[str, Any]]:
     """The dataset's classifier, from cache_dir when a file for this training split and these settings exists, else
-    trained on the training split's clean images y and saved there. Returns (classifier eval mode, info) with info
+    trained on the training split's clean images y (on `device`) and saved there with CPU tensors, so the file
+    loads on any machine. Returns (classifier in eval mode on `device`, default CPU, info) with info
     {"name", "test_acc", "path"}; test_acc on the test split's clean images."""
     unknown = set(settings) - set(CLASSIFIER_DEFAULTS)
     if unknown:
@@ -171,16 +184,17 @@ def load_or_train_classifier(datamodule, cache_dir: str | Path, **settings) -> t
         saved = torch.load(path, map_location="cpu", weights_only=True)
         classifier = ImageClassifier(**saved["arch"])
         classifier.load_state_dict(saved["state_dict"])
-        classifier.eval()
+        classifier.to(device or "cpu").eval()
         log.info("classifier for FID / sample class accuracy: %s", path)
     else:
-        log.info("training the feature classifier on the training split (%d images, %d steps; cached in %s)",
-                 len(train_y), cfg["steps"], path)
+        log.info("training the feature classifier on the training split (%d images, %d steps on %s; cached in %s)",
+                 len(train_y), cfg["steps"], torch.device(device or "cpu"), path)
         classifier = train_classifier(train_y, train_labels, num_classes, cfg["width"], cfg["feature_dim"],
-                                      cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["seed"])
+                                      cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["seed"], device)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".pt.part")
-        torch.save({"arch": arch, "state_dict": classifier.state_dict(), "settings": cfg, "data": data_key}, partial)
+        state = {key: value.cpu() for key, value in classifier.state_dict().items()}
+        torch.save({"arch": arch, "state_dict": state, "settings": cfg, "data": data_key}, partial)
         partial.replace(path)
     name = (f"cnn-classifier (width {cfg['width']}, {cfg['feature_dim']}-d features, {cfg['steps']} steps on the "
             f"training split of {type(datamodule).__name__}, data {data_key})")
@@ -208,9 +222,10 @@ class EvalNets:
 
 def build_eval_nets(datamodule, fid: str = "auto", cache_dir: str | Path | None = None,
                     inception_weights_path: str | Path | None = None,
-                    classifier: dict[str, Any] | None = None) -> EvalNets:
+                    classifier: dict[str, Any] | None = None, device: str | torch.device | None = None) -> EvalNets:
     """fid: auto (Inception where its weights are on disk, else the classifier) | inception | classifier | none.
-    The classifier is built whenever the data has class labels (and fid is not none), for sample_class_acc."""
+    The classifier is built whenever the data has class labels (and fid is not none), for sample_class_acc; it
+    trains (or loads) on `device`, the device evaluation runs on (default CPU), and stays there."""
     if fid not in ("auto", "inception", "classifier", "none"):
         raise ValueError(f"feature_net.fid must be auto, inception, classifier or none; got {fid!r}")
     nets = EvalNets()
@@ -219,7 +234,7 @@ def build_eval_nets(datamodule, fid: str = "auto", cache_dir: str | Path | None 
     if has_labels(datamodule):
         if cache_dir is None:
             raise ValueError("feature_net.cache_dir is needed to cache the dataset classifier")
-        nets.classifier, info = load_or_train_classifier(datamodule, cache_dir, **(classifier or {}))
+        nets.classifier, info = load_or_train_classifier(datamodule, cache_dir, device, **(classifier or {}))
         nets.classifier_name, nets.classifier_test_acc = info["name"], info["test_acc"]
     elif fid == "classifier":
         raise ValueError(f"feature_net.fid=classifier: {type(datamodule).__name__} has no class labels to train it on")

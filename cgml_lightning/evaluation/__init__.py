@@ -1,12 +1,21 @@
-"""Evaluate a trained module on a datamodule's test inputs: the flat metrics dict written to metrics.json."""
+"""Evaluation of trained modules: `evaluate` (here) gives the flat metrics dict written to metrics.json for a
+datamodule's test inputs.
+
+metrics: PSNR, SSIM, diversity, FID and the mode metrics on samples [B, N, ...].
+feature_nets: the networks evaluation looks through: FID features (Inception-v3 or the dataset classifier's) and
+  the dataset classifier behind sample_class_acc.
+probe: linear-probe accuracy on a module's frozen encoder features.
+"""
 from __future__ import annotations
 
 import math
+from contextlib import closing
 
 import torch
 
-from cgml_lightning.classifier import EvalNets
-from cgml_lightning.metrics import fid_metric, image_metrics, mode_metrics, vector_metrics
+from cgml_lightning.evaluation.feature_nets import EvalNets
+from cgml_lightning.evaluation.metrics import fid_metric, image_metrics, mode_metrics, vector_metrics
+from cgml_lightning.progress import track
 
 
 @torch.no_grad()
@@ -19,7 +28,8 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     FID compares the num_inputs real test images with their num_inputs x N samples.
     Vector data with known modes (the toy): mode_near_fraction, mode_coverage on a grid of num_inputs x N samples.
     Other vector data: best-of-N and mean L2 error, diversity.
-    sample_pool: the N samples are the medoids of this many per input (ConditionalModule.sample's pool)."""
+    sample_pool: the N samples are the medoids of this many per input (ConditionalModule.sample's pool).
+    A progress bar (cgml_lightning.progress) follows the test batches."""
     datamodule.setup("test")
     generator = torch.Generator().manual_seed(seed)
     if hasattr(datamodule, "modes"):
@@ -34,24 +44,28 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     totals: dict[str, float] = {}
     seen = correct = 0
     labelled = False
-    for batch in datamodule.test_dataloader():
-        x, y = batch["x"][: num_inputs - seen], batch["y"][: num_inputs - seen]
-        samples = module.sample(x, num_samples, generator=generator, pool=sample_pool)   # [B, N, ...] on the device
-        flat = samples.flatten(0, 1)
-        if fid is not None:
-            fid.update(y.to(flat.device), real=True)
-            fid.update(flat, real=False)
-        labelled = "label" in batch
-        if classifier is not None and labelled:
-            truth = batch["label"][: len(x)].to(flat.device).repeat_interleave(num_samples)
-            correct += (classifier.predict(flat) == truth).sum().item()
-        samples = samples.cpu()
-        per_input = image_metrics(samples, y, hole=module.hole(x)) if image else vector_metrics(samples, y)
-        for key, value in per_input.items():
-            totals[key] = totals.get(key, 0.0) + value.sum().item()
-        seen += len(x)
-        if seen >= num_inputs:
-            break
+    loader = datamodule.test_dataloader()
+    description = f"evaluate: {num_samples} samples x {num_inputs} inputs" + (
+        f" (medoids of {sample_pool} per input)" if sample_pool is not None else "")
+    with closing(track(loader, description, total=num_batches(loader, num_inputs))) as batches:
+        for batch in batches:
+            x, y = batch["x"][: num_inputs - seen], batch["y"][: num_inputs - seen]
+            samples = module.sample(x, num_samples, generator=generator, pool=sample_pool)   # [B, N, ...] on the device
+            flat = samples.flatten(0, 1)
+            if fid is not None:
+                fid.update(y.to(flat.device), real=True)
+                fid.update(flat, real=False)
+            labelled = "label" in batch
+            if classifier is not None and labelled:
+                truth = batch["label"][: len(x)].to(flat.device).repeat_interleave(num_samples)
+                correct += (classifier.predict(flat) == truth).sum().item()
+            samples = samples.cpu()
+            per_input = image_metrics(samples, y, hole=module.hole(x)) if image else vector_metrics(samples, y)
+            for key, value in per_input.items():
+                totals[key] = totals.get(key, 0.0) + value.sum().item()
+            seen += len(x)
+            if seen >= num_inputs:
+                break
     if seen == 0:
         raise ValueError(f"{type(datamodule).__name__}: the test split is empty, so there is nothing to evaluate "
                          f"(raise data.test_fraction or add data)")
@@ -74,3 +88,14 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
 def pool_key(sample_pool: int | None) -> dict[str, int]:
     """metrics.json records the pool only when one was used (its values stay numbers)."""
     return {} if sample_pool is None else {"sample_pool": sample_pool}
+
+
+def num_batches(loader, num_inputs: int) -> int | None:
+    """How many test batches evaluate() reads for num_inputs inputs: ceil(num_inputs / batch size), at most the
+    loader's length (None where the loader has no length)."""
+    try:
+        length = len(loader)
+    except TypeError:
+        return None
+    batch_size = getattr(loader, "batch_size", None)
+    return min(length, math.ceil(num_inputs / batch_size)) if batch_size else length

@@ -1,8 +1,7 @@
 """Downstream probe: linear-probe accuracy on frozen encoder features.
 
-The features of an input x are what every module's generator summarises of it, generator.summarize(
-generator.encode(x)) (the U-Net's pooled bottleneck, the MLP's hidden layer). The flow's velocity net reads
-concat(x, x_t); it is probed at t = 0 with x_t at the mean of its noise (zeros). A logistic regression
+The features of an input x are the module's own `probe_features(x)`: what its generator summarises of x (the
+U-Net's pooled bottleneck, the MLP's hidden layer; the flow's velocity net at t = 0). A logistic regression
 (scikit-learn, on standardised features) is fitted on the training split's features and scored on the test split's.
 """
 from __future__ import annotations
@@ -14,16 +13,11 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cgml_lightning.modules import FlowModule
 
 
 def encoder_features(module, x: Tensor) -> Tensor:
     """Frozen encoder features of inputs x: [B, F]."""
-    if isinstance(module, FlowModule):
-        x_t = x.new_zeros(len(x), *module.y_shape)
-        x = torch.cat([x, x_t], dim=1) if x.dim() == 4 else torch.cat([x.flatten(1), x_t.flatten(1)], dim=1)
-    generator = module.generator
-    return generator.summarize(generator.encode(x))
+    return module.probe_features(x)
 
 
 @torch.no_grad()

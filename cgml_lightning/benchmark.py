@@ -1,4 +1,4 @@
-"""cgml-bench [profile=quick|full]: every module side by side on one task.
+"""The benchmark behind cgml-bench: every module side by side on one task.
 
 Each model (cgml, regressor, cvae, cgan, flow) is composed from the train config (experiment=TASK model=NAME: the
 same data and nets) and trained in this process, one after the other, for the same wall-clock budget (Lightning's
@@ -7,35 +7,30 @@ PSNR against training seconds) is evaluated from those copies afterwards, so it 
 model is evaluated on the same test inputs (evaluation.evaluate: PSNR, SSIM, diversity, FID, sample class accuracy),
 probed (probe.linear_probe) and timed: train_s_per_step is the median over the same fixed batches, after warm-up;
 samples_per_s one batched sample() call of N samples per input, after warm-up. Only ratios mean much: these
-machines are noisy. Writes bench.json, bench.md and convergence.png into hydra.run.dir.
+machines are noisy. The command (cgml_lightning.commands.bench) writes the reports.
 """
 from __future__ import annotations
 
 import logging
 import statistics
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra import compose
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cgml_lightning.classifier import build_eval_nets
-from cgml_lightning.cli import CONFIG_PATH, build_datamodule, build_module, output_dir, plain
-from cgml_lightning.files import atomic_path, write_json, write_text
-from cgml_lightning.evaluation import evaluate
+from cgml_lightning.runs import build_datamodule, build_module
+from cgml_lightning.files import atomic_path
 from cgml_lightning.instantiate import instantiate
-from cgml_lightning.metrics import psnr
-from cgml_lightning.probe import linear_probe
-from cgml_lightning.profiling import phase_profile, samples_per_second, sync
+from cgml_lightning.evaluation.metrics import psnr
+from cgml_lightning.profiling import phase_profile, sync
 
 log = logging.getLogger("cgml_lightning")
 
@@ -268,7 +263,8 @@ def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
               "class; probe acc: logistic regression on frozen encoder features; s/step: median over the same "
               f"{report['timing_batches']} training batches after warm-up.", "",
               "## Quality against training time", "", "![val best-of-N PSNR against training seconds](convergence.png)",
-              "", "## Goals", ""]
+              "", "## Samples of every model for the same test inputs", "",
+              "![input | each model's samples | truth](bench_samples.png)", "", "## cGML against the peers", ""]
     for goal, ok, detail in goals(models):
         lines.append(f"- {'n/a' if ok is None else 'met' if ok else 'NOT met'}: {goal} ({detail})")
     if phases:
@@ -278,72 +274,3 @@ def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
                   f"{report['phase_repeats']} repeats).", "", "| phase | seconds | share |", "|---|---|---|"]
         lines += [f"| {k} | {v:.4f} | {v / total:.0%} |" for k, v in phases.items()]
     return "\n".join(lines) + "\n"
-
-
-# ---- the app ---------------------------------------------------------------------------------------------------
-def run_bench(cfg: DictConfig) -> dict[str, Any]:
-    out, prof = output_dir(), cfg.profile
-    if not cfg.models:
-        raise ValueError("models: the bench needs at least one model")
-    task, datamodule = load_task(cfg, out)
-    task_note = "" if task == cfg.task else f"(Ran {task}: the data of {cfg.task} was not found.)"
-    configs = {name: train_config(cfg, task, name, out) for name in cfg.models}
-    for name, train_cfg in configs.items():
-        if plain(train_cfg.data) != plain(configs[cfg.models[0]].data):
-            raise ValueError(f"overrides: model={name} composes other data than model={cfg.models[0]}; "
-                             "the bench trains every model on the same data")
-    nets = build_eval_nets(datamodule, **plain(cfg.feature_net))
-    datamodule.setup()
-    curve_batch = first_inputs(datamodule, "val", prof.curve_num_inputs)
-    speed_x = first_inputs(datamodule, "test", prof.speed_inputs)["x"]
-    timing_batches = first_batches(datamodule, "train", datamodule.batch_size,
-                                   prof.timing_warmup + prof.timing_batches)
-
-    models, results = {}, {}
-    for name, train_cfg in configs.items():
-        log.info("bench: training model=%s for %g s", name, prof.budget_s)
-        module, snapshots, device = train_model(train_cfg, datamodule, prof.budget_s, prof.curve_every_s)
-        module.to(device)
-        curve = convergence_curve(module, snapshots, curve_batch, prof.curve_num_samples, cfg.seed)
-        metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, cfg.seed, nets)
-        probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, cfg.seed) \
-            if getattr(datamodule.splits["train"], "label", None) is not None else None
-        models[name] = module
-        results[name] = {**metrics, "probe_acc": probe, "train_s": round(curve[-1]["seconds"], 3),
-                         "batches_trained": snapshots.points[-1][1], "curve": curve}
-        log.info("bench: model=%s trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", name,
-                 snapshots.points[-1][1], curve[-1]["seconds"], prof.num_samples, metrics["psnr_best_of_n"],
-                 metrics.get("fid"), probe)
-    for name, module in models.items():                       # timings last, one model at a time, no training around
-        results[name]["samples_per_s"] = samples_per_second(module, speed_x, prof.num_samples, prof.speed_repeats)
-        results[name]["train_s_per_step"] = train_seconds_per_step(module, configs[name], timing_batches,
-                                                                   prof.timing_warmup)
-        log.info("bench: model=%s %.3f s/step, %.0f samples/s", name, results[name]["train_s_per_step"],
-                 results[name]["samples_per_s"])
-
-    hydra_cfg = HydraConfig.get()
-    report = {"task": task, "z_steps": configs["cgml"].model.z_steps if "cgml" in configs else None,
-              "models": results, "profile": hydra_cfg.runtime.choices.get("profile"), "budget_s": prof.budget_s,
-              "command": " ".join(["cgml-bench", *hydra_cfg.overrides.task]),
-              "date": datetime.now().isoformat("T", "seconds"),
-              "device": str(next(iter(models.values())).device), "torch_threads": torch.get_num_threads(),
-              "net": plain(configs[cfg.models[0]].net), "num_inputs": results[cfg.models[0]]["num_inputs"],
-              "num_samples": prof.num_samples, "feature_nets": nets.describe(), "task_note": task_note,
-              "timing_batches": prof.timing_batches, "phase_repeats": prof.phase_repeats}
-    write_json(out / "bench.json", report)
-    plot_curves(results, out / "convergence.png", prof.curve_num_samples)
-    write_text(out / "bench.md", markdown(report, None))
-    if "cgml" in models:                                        # written last: bench.json/md exist if it fails
-        phases = cgml_phases(models["cgml"], timing_batches[0], prof.phase_repeats)
-        write_text(out / "bench.md", markdown(report, phases))
-    log.info("wrote %s", out / "bench.md")
-    return report
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
-def main(cfg: DictConfig) -> None:
-    run_bench(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,127 @@
+"""cgml-bench [profile=quick|full] [logger=wandb]: every model trained on one task for the same wall clock, then
+evaluated, probed and timed side by side (cgml_lightning.benchmark). Writes bench.json, bench.md, convergence.png
+and bench_samples.png (every model's samples for the same inputs) into the run dir, and gives the table and the
+pictures to the loggers."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from cgml_lightning.benchmark import (cgml_phases, convergence_curve, first_batches, first_inputs, load_task,
+                                      markdown, plot_curves, train_config, train_model, train_seconds_per_step)
+from cgml_lightning.evaluation.feature_nets import build_eval_nets
+from cgml_lightning.evaluation import evaluate
+from cgml_lightning.files import save_image, write_json, write_text
+from cgml_lightning.plots import models_grid
+from cgml_lightning.evaluation.probe import linear_probe
+from cgml_lightning.profiling import samples_per_second
+from cgml_lightning.runs import (CONFIG_PATH, build_loggers, is_wandb, log_picture, log_results, output_dir, plain,
+                                 run_record, task)
+
+log = logging.getLogger("cgml_lightning")
+TABLE_KEYS = ("psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "fid", "sample_class_acc", "probe_acc",
+              "train_s_per_step", "samples_per_s", "batches_trained")
+
+
+def run_bench(cfg: DictConfig) -> dict[str, Any]:
+    out, prof = output_dir(), cfg.profile
+    if not cfg.models:
+        raise ValueError("models: the bench needs at least one model")
+    loggers = build_loggers(cfg)
+    with task(loggers):
+        report = bench(cfg, out, prof)
+        for logger in loggers:
+            logger.log_hyperparams(run_record(cfg))
+        log_results(loggers, {f"{name}/{key}": result.get(key) for name, result in report["models"].items()
+                              for key in TABLE_KEYS})
+        for logger in loggers:
+            if is_wandb(logger):
+                logger.log_table(key="bench/results", columns=["model", *TABLE_KEYS],
+                                 data=[[name, *(result.get(k) for k in TABLE_KEYS)]
+                                       for name, result in report["models"].items()])
+        log_picture(loggers, "bench/convergence", out / "convergence.png",
+                    "validation best-of-N PSNR against training seconds, every model")
+        log_picture(loggers, "bench/samples", out / "bench_samples.png",
+                    "one row per test input: input | each model's samples (columns named above) | truth")
+    return report
+
+
+def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
+    task_name, datamodule = load_task(cfg, out)
+    task_note = "" if task_name == cfg.task else f"(Ran {task_name}: the data of {cfg.task} was not found.)"
+    configs = {name: train_config(cfg, task_name, name, out) for name in cfg.models}
+    for name, train_cfg in configs.items():
+        if plain(train_cfg.data) != plain(configs[cfg.models[0]].data):
+            raise ValueError(f"overrides: model={name} composes other data than model={cfg.models[0]}; "
+                             "the bench trains every model on the same data")
+    datamodule.setup()
+    curve_batch = first_inputs(datamodule, "val", prof.curve_num_inputs)
+    speed_x = first_inputs(datamodule, "test", prof.speed_inputs)["x"]
+    picture_batch = first_inputs(datamodule, "test", prof.picture_inputs)
+    timing_batches = first_batches(datamodule, "train", datamodule.batch_size,
+                                   prof.timing_warmup + prof.timing_batches)
+
+    models, results, pictures, nets = {}, {}, {}, None
+    for i, (name, train_cfg) in enumerate(configs.items(), 1):
+        stage = f"bench [{i}/{len(configs)}] model={name}"
+        log.info("%s: training for %g s", stage, prof.budget_s)
+        module, snapshots, device = train_model(train_cfg, datamodule, prof.budget_s, prof.curve_every_s)
+        module.to(device)
+        log.info("%s: convergence curve over %d snapshots", stage, len(snapshots.points))
+        curve = convergence_curve(module, snapshots, curve_batch, prof.curve_num_samples, cfg.seed)
+        log.info("%s: evaluating", stage)
+        if nets is None:                                       # on the device the models train on
+            nets = build_eval_nets(datamodule, **plain(cfg.feature_net), device=device)
+        metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, cfg.seed, nets)
+        pictures[name] = module.sample(picture_batch["x"], prof.picture_samples, seed=cfg.seed).cpu()
+        labelled = getattr(datamodule.splits["train"], "label", None) is not None
+        if labelled:
+            log.info("%s: linear probe", stage)
+        probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, cfg.seed) if labelled else None
+        models[name] = module
+        results[name] = {**metrics, "probe_acc": probe, "train_s": round(curve[-1]["seconds"], 3),
+                         "batches_trained": snapshots.points[-1][1], "curve": curve}
+        log.info("%s: trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", stage,
+                 snapshots.points[-1][1], curve[-1]["seconds"], prof.num_samples, metrics["psnr_best_of_n"],
+                 metrics.get("fid"), probe)
+    for i, (name, module) in enumerate(models.items(), 1):    # timings last, one model at a time, no training around
+        log.info("bench timing [%d/%d] model=%s", i, len(models), name)
+        results[name]["samples_per_s"] = samples_per_second(module, speed_x, prof.num_samples, prof.speed_repeats)
+        results[name]["train_s_per_step"] = train_seconds_per_step(module, configs[name], timing_batches,
+                                                                   prof.timing_warmup)
+        log.info("bench timing model=%s: %.3f s/step, %.0f samples/s", name, results[name]["train_s_per_step"],
+                 results[name]["samples_per_s"])
+
+    hydra_cfg = HydraConfig.get()
+    report = {"task": task_name, "z_steps": configs["cgml"].model.z_steps if "cgml" in configs else None,
+              "models": results, "profile": hydra_cfg.runtime.choices.get("profile"), "budget_s": prof.budget_s,
+              "command": " ".join(["cgml-bench", *hydra_cfg.overrides.task]),
+              "date": datetime.now().isoformat("T", "seconds"),
+              "device": str(next(iter(models.values())).device), "torch_threads": torch.get_num_threads(),
+              "net": plain(configs[cfg.models[0]].net), "num_inputs": results[cfg.models[0]]["num_inputs"],
+              "num_samples": prof.num_samples, "feature_nets": nets.describe(), "task_note": task_note,
+              "timing_batches": prof.timing_batches, "phase_repeats": prof.phase_repeats}
+    write_json(out / "bench.json", report)
+    plot_curves(results, out / "convergence.png", prof.curve_num_samples)
+    save_image(models_grid(picture_batch["x"], pictures, picture_batch["y"]), out / "bench_samples.png")
+    write_text(out / "bench.md", markdown(report, None))
+    if "cgml" in models:                                        # written last: bench.json/md exist if it fails
+        phases = cgml_phases(models["cgml"], timing_batches[0], prof.phase_repeats)
+        write_text(out / "bench.md", markdown(report, phases))
+    log.info("wrote %s", out / "bench.md")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    run_bench(cfg)
+
+
+if __name__ == "__main__":
+    main()

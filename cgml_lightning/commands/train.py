@@ -1,0 +1,74 @@
+"""cgml-train: compose a run from the configs, train it, evaluate it, and report to the run dir and every logger."""
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from cgml_lightning.evaluation import evaluate
+from cgml_lightning.files import write_json
+from cgml_lightning.instantiate import check_targets, instantiate
+from cgml_lightning.plots import save_samples_png
+from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_resume,
+                                 log_picture, log_results, optimized_value, output_dir, resume_path, run_record,
+                                 stop_signal, task)
+
+log = logging.getLogger("cgml_lightning")
+
+
+def run_train(cfg: DictConfig) -> dict[str, float]:
+    check_targets(cfg)                                           # refuse a bad _target_ before anything runs
+    if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
+        raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
+    L.seed_everything(cfg.seed, workers=True)
+    out = output_dir()
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
+    if ckpt_path:
+        check_resume(ckpt_path, module, cfg)
+    elif cfg.get("init_from"):
+        module.init_weights_from(cfg.init_from)
+        log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
+    module.freeze_prefixes(list((cfg.get("finetune") or {}).get("freeze") or []))   # on resume too
+    loggers = build_loggers(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not loggers:                                              # it logs to loggers and refuses to run without
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    with task(loggers):
+        for logger in loggers:
+            logger.log_hyperparams(run_record(cfg, module))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        signum = stop_signal(callbacks)
+        if signum:
+            raise SystemExit(128 + signum)                       # saved and stopped on a signal: not a finished run
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")          # full state: resumable
+        metrics: dict[str, float] = {}
+        if trainer.is_global_zero:
+            metrics = evaluate(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)
+            metrics["epochs"] = trainer.current_epoch
+            write_json(out / "metrics.json", metrics)
+            picture = save_samples_png(module, datamodule, out / "samples.png", seed=cfg.eval.seed)
+            log_results(loggers, metrics, trainer.global_step)
+            log_picture(loggers, "test/samples", picture, sample_caption(datamodule, 8), trainer.global_step)
+        return metrics
+
+
+def sample_caption(datamodule, num_samples: int) -> str:
+    if datamodule.kind == "image":
+        return f"one row per test input: input | {num_samples} samples | truth"
+    return "samples (red) against x, true modes (black) where known"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_train(cfg)
+    return optimized_value(cfg, metrics) if metrics else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""What the commands share: building data, modules and loggers from a composed config, loading and resuming
+checkpoints, reporting results to every logger, and the task wrapper that ends a run (W&B finished, exit codes)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cgml_lightning.files import newest_checkpoint, read_checkpoint
+from cgml_lightning.instantiate import datamodule_from_record, instantiate
+from cgml_lightning.modules import ConditionalModule
+
+log = logging.getLogger("cgml_lightning")
+CONFIG_PATH = "pkg://cgml_lightning.conf"
+WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
+
+
+def plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+# ---- data and modules -------------------------------------------------------------------------------------------
+def build_datamodule(cfg: DictConfig):
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
+    info = {**datamodule.info(), "data": plain(cfg.data)}
+    return instantiate(cfg.model, data_info=info, net=plain(cfg.net), _recursive_=False, _convert_="all")
+
+
+def resume_path(ckpt_path: str | None, folder: Path) -> str | None:
+    """ckpt_path as given, or for ckpt_path=last the newest checkpoint in the run's checkpoint folder (None when
+    there is none yet: a re-queued job that never saved starts from scratch)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    newest = newest_checkpoint(folder)
+    if newest is None:
+        log.info("ckpt_path=last: no checkpoint in %s yet; training from scratch", folder)
+        return None
+    log.info("ckpt_path=last: resuming from %s", newest)
+    return str(newest)
+
+
+def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = None) -> None:
+    """Resuming continues the same run: refuse a checkpoint made on other data, with another latent table, or
+    with another schedule length (Lightning would restore the old scheduler state over the new one)."""
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("hyper_parameters", {})
+    old, new = saved.get("data_info", {}), module.data_info
+    for key in ("num_train_samples", "fingerprint", "x_shape", "y_shape"):
+        if key in old and old[key] != new.get(key):
+            raise ValueError(f"ckpt_path={path} was trained on other data: {key} {old[key]} in the checkpoint vs "
+                             f"{new.get(key)} now. Resume on the same data, or fine-tune with init_from={path}.")
+    if saved.get("latent_dim", module.latent_dim) != module.latent_dim:
+        raise ValueError(f"ckpt_path={path}: latent_dim {saved.get('latent_dim')} in the checkpoint vs "
+                         f"{module.latent_dim} now")
+    t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
+    for state in checkpoint.get("lr_schedulers", []):
+        if t_max is not None and "T_max" in state and state["T_max"] != t_max:
+            raise ValueError(f"ckpt_path={path}: its scheduler has T_max={state['T_max']} but this run asks for "
+                             f"{t_max}; resume with the original trainer.max_epochs, or fine-tune with "
+                             f"init_from={path} for a new schedule")
+
+
+def load_checkpoint(ckpt_path: str) -> ConditionalModule:
+    """The module a checkpoint holds, of the class it records (never a `_target_`), loaded with weights_only."""
+    return ConditionalModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+
+
+def load_for_inference(cfg: DictConfig):
+    """The checkpoint's module on cfg.device (auto: CUDA where there is one), and the data it was trained on unless
+    cfg.data overrides it."""
+    module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
+    return module, checkpoint_datamodule(cfg, module)
+
+
+def inference_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
+    """data=... from the command line (through the registry), else the checkpoint's recorded data config, rebuilt
+    by datamodule name (a stored `_target_` is never instantiated)."""
+    if cfg.get("data"):
+        dm = instantiate(cfg.data)
+    elif module.data_info.get("data"):
+        dm = datamodule_from_record(module.data_info["data"], f"{cfg.ckpt_path}")
+    else:
+        raise ValueError(f"{cfg.ckpt_path}: the checkpoint records no data config; pass data=... on the command line")
+    dm.prepare_data()
+    dm.setup("test")
+    return dm
+
+
+# ---- loggers ------------------------------------------------------------------------------------------------------
+def sweep_id() -> str | None:
+    """The multirun's folder name (its timestamp), shared by every job of one sweep; None in a single run."""
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The run's loggers. A W&B run left unnamed gets `<task>_<overrides>` (logger keys excluded), the group
+    `<task>` or, in a multirun, `<task>_<sweep id>` so that each sweep is one group, job_type = the command, and
+    the top-level `tags`."""
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if not logger_cfg:
+            continue
+        if logger_cfg.get("_target_") == WANDB_TARGET:
+            hydra_cfg, sweep = HydraConfig.get(), sweep_id()
+            overrides = hydra_cfg.job.override_dirname
+            with open_dict(logger_cfg):
+                logger_cfg.name = logger_cfg.get("name") or "_".join(p for p in (cfg.task_name, overrides) if p)
+                logger_cfg.group = logger_cfg.get("group") or "_".join(p for p in (cfg.task_name, sweep) if p)
+                logger_cfg.job_type = logger_cfg.get("job_type") or hydra_cfg.job.name
+                logger_cfg.tags = [*(logger_cfg.get("tags") or []), *(cfg.get("tags") or [])]
+        loggers.append(instantiate(logger_cfg))
+    return loggers
+
+
+def run_record(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict[str, Any]:
+    """What a logger's hyperparameters hold: the composed config, seed, command and overrides, parameter counts."""
+    hydra_cfg = HydraConfig.get()
+    record: dict[str, Any] = {"config": plain(cfg), "seed": cfg.get("seed"), "command": hydra_cfg.job.name,
+                              "overrides": list(hydra_cfg.overrides.task), "sweep_id": sweep_id()}
+    if module is not None:
+        params = list(module.parameters())
+        record["params/total"] = sum(p.numel() for p in params)
+        record["params/trainable"] = sum(p.numel() for p in params if p.requires_grad)
+    return record
+
+
+def log_results(loggers: list, metrics: dict[str, Any], step: int = 0, prefix: str = "test/") -> None:
+    """Final metrics to every logger as `test/<key>` (numbers) and, for W&B, into the run summary (all values)."""
+    named = {f"{prefix}{k}": v for k, v in metrics.items()}
+    numbers = {k: float(v) for k, v in named.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    for logger in loggers:
+        logger.log_metrics(numbers, step=step)
+        if is_wandb(logger):
+            logger.experiment.summary.update({k: v for k, v in named.items() if v is not None})
+        logger.save()
+
+
+def is_wandb(logger) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+def log_picture(loggers: list, key: str, path: Path, caption: str, step: int = 0) -> None:
+    """A PNG from the run dir to the loggers that take images: W&B (captioned) and TensorBoard."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in loggers:
+        if is_wandb(logger):
+            logger.log_image(key=key, images=[str(path)], caption=[caption], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+            logger.experiment.add_image(key, array, step, dataformats="HWC")
+            logger.experiment.add_text(f"{key}/caption", caption, step)
+
+
+# ---- the task wrapper -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def task(loggers: list) -> Iterator[None]:
+    """Ends every run the same way: Lightning's SIGTERM stop becomes exit 128 + SIGTERM (its checkpoint is saved
+    by the preemption callback), every logger is finalized (what was logged after training is flushed), and W&B runs
+    are finished so that one job never bleeds into the next."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    except SIGTERMException as err:
+        raise SystemExit(128 + signal.SIGTERM) from err
+    finally:
+        for logger in loggers:                                    # flush what was logged after training ended
+            logger.finalize(status)
+        if any(is_wandb(logger) for logger in loggers):
+            import wandb
+
+            wandb.finish()
+
+
+def stop_signal(callbacks: list) -> int | None:
+    """The signal a callback stopped training on (saved and stopped: not a finished run), else None."""
+    return next((int(c.preempted) for c in callbacks if getattr(c, "preempted", None)), None)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The metric a sweeper optimizes (cfg.optimized_metric) in a multirun; a missing or non-numeric one fails the
+    job, naming the keys there are. A single run returns None (nothing consumes it)."""
+    key = cfg.get("optimized_metric")
+    if not key or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise KeyError(f"optimized_metric={key}: this run's metrics have no number under that key; the metrics are "
+                       f"{numeric}. Set optimized_metric= (and optimized_direction=) to one of them.")
+    return float(value)
