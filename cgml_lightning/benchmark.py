@@ -12,7 +12,6 @@ machines are noisy. The command (cgml_lightning.commands.bench) writes the repor
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from datetime import timedelta
 from itertools import islice
@@ -27,10 +26,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from cgml_lightning.runs import build_datamodule, build_module
-from cgml_lightning.files import atomic_path
+from cgml_lightning.files import save_figure
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.evaluation.metrics import psnr
-from cgml_lightning.profiling import phase_profile, sync
+from cgml_lightning.timing import step_profile
 
 log = logging.getLogger("cgml_lightning")
 
@@ -67,23 +66,6 @@ class Snapshots(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.points[-1][1] != self.batches:
             self.take(module)
-
-
-class StepTimer(L.Callback):
-    """Wall time of each training batch (forward, backward and optimizer steps, whatever the module does) after
-    `warmup` untimed ones."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.seconds, self.start = warmup, [], 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
-        sync(module.device)
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        sync(module.device)
-        if batch_idx >= self.warmup:
-            self.seconds.append(time.perf_counter() - self.start)
 
 
 # ---- training --------------------------------------------------------------------------------------------------
@@ -154,22 +136,12 @@ def convergence_curve(module, snapshots: Snapshots, batch: dict[str, Tensor], nu
     return curve
 
 
-def train_seconds_per_step(module, train_cfg: DictConfig, batches: list[dict[str, Tensor]], warmup: int) -> float:
-    """Median seconds of a full training step over the given batches (after `warmup` of them), in a Trainer built from
-    the model's trainer config: every module's own training_step, as in training. The module's weights change."""
-    if len(batches) <= warmup:
-        raise ValueError(f"profile.timing_batches: need batches beyond the {warmup} warm-up ones; got {len(batches)}")
-    timer = StepTimer(warmup)
-    trainer: L.Trainer = instantiate(train_cfg.trainer, callbacks=[timer], logger=False, max_epochs=1, max_time=None,
-                                     limit_train_batches=len(batches), limit_val_batches=0, num_sanity_val_steps=0,
-                                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    return statistics.median(timer.seconds)
-
-
-def cgml_phases(module, batch: dict[str, Tensor], repeats: int) -> dict[str, float]:
-    """profiling.phase_profile on one training batch, moved to the module's device."""
-    return phase_profile(module, {k: v.to(module.device) for k, v in batch.items()}, repeats)
+def step_timing(module, train_cfg: DictConfig, batches: list[dict[str, Tensor]], warmup: int) -> dict[str, Any]:
+    """timing.step_profile over the given batches on the model's own accelerator and precision: the median step
+    (every module's own training_step, as in training), its peak memory and cGML's phases. The weights change."""
+    trainer = train_cfg.trainer
+    return step_profile(module, batches, warmup, accelerator=trainer.get("accelerator", "auto"),
+                        precision=trainer.get("precision") or "32-true")
 
 
 # ---- reports ---------------------------------------------------------------------------------------------------
@@ -187,11 +159,7 @@ def plot_curves(models: dict[str, dict], path: Path, num_samples: int) -> Path:
     ax.set_ylabel(f"val best-of-{num_samples} PSNR (dB)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def goals(models: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
@@ -270,7 +238,7 @@ def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
     if phases:
         total = sum(phases.values())
         lines += ["", "## cGML training step, per phase", "",
-                  f"`cgml_lightning.profiling.phase_profile` on one training batch (median of "
-                  f"{report['phase_repeats']} repeats).", "", "| phase | seconds | share |", "|---|---|---|"]
+                  f"The sections cGML's training step records (`phase()`, Lightning's SimpleProfiler), median over "
+                  f"the {report['timing_batches']} timed steps.", "", "| phase | seconds | share |", "|---|---|---|"]
         lines += [f"| {k} | {v:.4f} | {v / total:.0%} |" for k, v in phases.items()]
     return "\n".join(lines) + "\n"

@@ -83,3 +83,14 @@ def newest_checkpoint(folder: str | Path) -> Path | None:
     """The most recently written checkpoint in folder (stop checkpoints aside), or None."""
     found = [p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure to a PNG, laid out tight and written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return Path(path)

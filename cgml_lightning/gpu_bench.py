@@ -2,15 +2,15 @@
 
     python -m cgml_lightning.gpu_bench [--out DIR] [--tiny] [train overrides, e.g. model.start_candidates=4]
 
-Per (model, size, precision) it measures training samples/s (one full step without a Trainer, the two models
-taking turns on the same batch, profiling.train_step_seconds), the cgml / regressor step ratio, the peak memory
-one step adds (profiling.peak_step_memory_mb), and cGML's sampling samples/s (module.sample, 10 samples per input).
+Per (model, size, precision) it measures training samples/s (the module's full step through a Lightning
+Trainer at that precision, timing.step_profile), the cgml / regressor step ratio, the peak memory
+one step adds (the same run), and cGML's sampling samples/s (module.sample, 10 samples per input).
 Per size it times cGML's start selection both ways (one decoder pass per candidate, or one pass over all of them),
 checks the two pick the same starts and names the faster one for this device (model.start_batching).
 
 The batches are synthetic (random images with a random rectangular hole, inputs = visible pixels + mask channel):
-the data pipeline is not what is timed. bf16-mixed is torch.autocast(bfloat16) around the whole step, as
-Lightning's bf16-mixed plugin does for a manual-optimization module. The full run is sized for at most 8 minutes on
+the data pipeline is not what is timed. bf16-mixed is Lightning's bf16-mixed precision for the training steps and
+torch.autocast(bfloat16) around sampling and start selection. The full run is sized for at most 8 minutes on
 one GPU (batches of 64 at 64 px and 32 at 128 px, 5 timed steps; --budget-s stops starting rows as the time runs out);
 --tiny shrinks images, nets and batches so the same code runs on a CPU in seconds (a smoke test, not a measurement).
 Writes DIR/gpu_bench.json and DIR/gpu_bench.md.
@@ -33,8 +33,7 @@ from torch import Tensor
 
 from cgml_lightning import algorithm as A
 from cgml_lightning.files import write_json, write_text
-from cgml_lightning.profiling import (median_seconds, peak_step_memory_mb, samples_per_second,
-                                      train_step_seconds)
+from cgml_lightning.timing import median_seconds, samples_per_second, step_profile
 
 MODELS = ("cgml", "regressor")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-mixed+compile")
@@ -175,7 +174,7 @@ def start_selection(module, batch: dict[str, Tensor], repeats: int, warmup: int,
 def starts_agree(module, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, seed: int = 0) -> dict[str, Any]:
     """Both ways on the same candidates: the share of inputs whose chosen candidate is the same, and the largest
     difference of their losses relative to the loss."""
-    from cgml_lightning.modules.base import repeat_feats
+    from cgml_lightning.models.base import repeat_feats
 
     b = len(y)
     m = module.hparams.start_candidates + 1
@@ -207,10 +206,13 @@ def measure(size: int, precision: str, overrides: list[str], settings: dict) -> 
                      "batch_size": batch_size, "net": net,
                      "status": "unavailable", "note": unavailable} for m in MODELS], None
     batch = data.batch(batch_size, device)
+    trainer = {"accelerator": device.type, "precision": "bf16-mixed" if precision.startswith("bf16") else "32-true"}
+    start = time.perf_counter()
+    timing = {model: step_profile(module, [batch] * (warmup + repeats), warmup, **trainer)
+              for model, module in modules.items()}
+    step_s = {model: t["step_s"] for model, t in timing.items()}
+    peak = {model: t["peak_mb"] for model, t in timing.items()}
     with autocast(precision, device):
-        start = time.perf_counter()
-        step_s = train_step_seconds(modules, batch, repeats, warmup)
-        peak = peak_step_memory_mb(modules, batch)
         sampling = None
         if not compile:                                   # compiled sampling would compile new shapes again
             sampling = samples_per_second(modules["cgml"], batch["x"][: settings["sample_inputs"]],

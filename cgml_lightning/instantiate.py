@@ -28,13 +28,13 @@ EXTERNAL_TARGETS = frozenset({
     "lightning.pytorch.plugins.environments.SLURMEnvironment",
 })
 # Packages whose exported LightningDataModule / LightningModule / Callback classes are instantiable.
-PACKAGE_EXPORTS = ("cgml_lightning", "cgml_lightning.data", "cgml_lightning.modules", "cgml_lightning.callbacks")
+PACKAGE_EXPORTS = ("cgml_lightning", "cgml_lightning.data", "cgml_lightning.models", "cgml_lightning.callbacks")
 _registered: set[str] = set()
 
 
 def package_classes(kind: type | tuple[type, ...] | None = None) -> dict[str, type]:
     """{name: class} for the package's exported Lightning classes, under each exporting package's name and the
-    defining module's name (e.g. cgml_lightning.CGMLModule and cgml_lightning.modules.cgml.CGMLModule)."""
+    defining module's name (e.g. cgml_lightning.CGMLModule and cgml_lightning.models.cgml.CGMLModule)."""
     import lightning as L
 
     kind = kind or (L.LightningDataModule, L.LightningModule, L.Callback)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cgml_lightning.files import atomic_path, save_image
+from cgml_lightning.files import save_figure, save_image
 
 
 def to_rgb(img: Tensor) -> Tensor:
@@ -56,10 +56,7 @@ def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path,
     for d, ax in enumerate(axes[0]):
         draw_toy(ax, x, samples, modes, d)
     fig.suptitle(title or "samples (red) and true modes (black)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_samples_png(module, datamodule, path: str | Path, num_inputs: int = 8, num_samples: int = 8,

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cgml_lightning.files import newest_checkpoint, read_checkpoint
 from cgml_lightning.instantiate import datamodule_from_record, instantiate
-from cgml_lightning.modules import ConditionalModule
+from cgml_lightning.models import ConditionalModule
 
 log = logging.getLogger("cgml_lightning")
 CONFIG_PATH = "pkg://cgml_lightning.conf"

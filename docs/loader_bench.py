@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from cgml_lightning.runs import build_datamodule, build_module
-from cgml_lightning.profiling import train_step_seconds
+from cgml_lightning.timing import step_profile
 
 
 def main(overrides: list[str]) -> dict[str, float]:
@@ -34,7 +34,7 @@ def main(overrides: list[str]) -> dict[str, float]:
     loader_rate = seen / (time.perf_counter() - start)
     del it, loader
     module = build_module(cfg, datamodule)
-    step_s = train_step_seconds({"model": module}, first[0], repeats=5, warmup=2)["model"]
+    step_s = step_profile(module, first, warmup=2)["step_s"]
     step_rate = len(first[0]["index"]) / step_s
     result = {"loader_images_per_s": loader_rate, "step_images_per_s": step_rate, "ratio": loader_rate / step_rate,
               "num_workers": cfg.data.num_workers, "batch_size": cfg.data.batch_size,

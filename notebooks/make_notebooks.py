@@ -67,19 +67,18 @@ print({key: tuple(value.shape) for key, value in batch.items()})   # index addre
     ("md", """\
 ## Train
 
-The same U-Net and settings as `cgml-train` (`net=unet_small` and `conf/model_for_net/cgml_unet_small.yaml`);
+The same U-Net and settings as `cgml-train` (`net=unet_small`; `z_phase` picks the image settings);
 `z` lives on the sphere S¹⁵. Each training step runs the z-phase (3 short gradient steps on `z` only), regresses
 `Z` on the path, and updates the generator at the converged `z`."""),
     ("code", """\
 unet = {"name": "unet", "width": 32, "depth": 2, "decoder_convs": 1}
-model = CGMLModule(data.info(), net=unet, latent_dim=16, z_steps=3, z_normalized=True, z_lr=0.05,
-                   inference_steps=1)
+model = CGMLModule(data.info(), net=unet, latent_dim=16)    # image data: the image z_phase
 L.Trainer(max_epochs=3, **QUIET).fit(model, data)"""),
     ("md", """\
 ## Sample
 
 `model.sample(x, num_samples=N)` returns `[B, N, *y.shape]`: every sample starts at its own random point on the
-sphere and walks `inference_steps` Z-steps. The visible half is kept from the input."""),
+sphere and walks `sample_steps` Z-steps. The visible half is kept from the input."""),
     ("code", """\
 test = next(iter(data.test_dataloader()))
 x, y = test["x"][:8], test["y"][:8]
@@ -125,7 +124,7 @@ adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-3}
 cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": EPOCHS}
 mlp = {"name": "mlp", "width": 64}
 
-cgml = CGMLModule(data.info(), mlp, latent_dim=10, z_steps=5, start_candidates=4, dynamics_net={"width": 64},
+cgml = CGMLModule(data.info(), mlp, z_phase="paper", latent_dim=10, z_steps=5, dynamics_net={"width": 64},
                   optimizer=adam, scheduler=cosine)
 regressor = RegressorModule(data.info(), mlp, optimizer=adam, scheduler=cosine)
 for model in (cgml, regressor):
@@ -254,8 +253,7 @@ if AVAILABLE:
         model = CGMLModule.load_from_checkpoint(checkpoint, map_location="cpu")
         print("loaded", checkpoint)
     else:
-        model = CGMLModule(data.info(), net={"name": "unet", "width": 16, "depth": 2}, latent_dim=16, z_steps=3,
-                           z_normalized=True, z_lr=0.05, inference_steps=1, start_candidates=2)
+        model = CGMLModule(data.info(), net={"name": "unet", "width": 16, "depth": 2}, latent_dim=16)  # image z_phase
         L.Trainer(max_epochs=2, limit_val_batches=2, **QUIET).fit(model, data)"""),
     ("md", """\
 ## Diverse completions

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
-from cgml_lightning.modules import MODULES, CGANModule, CVAEModule, FlowModule
+from cgml_lightning.models import MODULES, CGANModule, CVAEModule, FlowModule
 
 NETS = {"mlp": {"name": "mlp", "width": 32, "depth": 2}, "unet": {"name": "unet", "width": 8, "depth": 2}}
 SMALL = {

@@ -103,24 +103,27 @@ def test_model_configs_compose(compose_train, model):
 
 
 @pytest.mark.parametrize("model", group_options("model"))
-@pytest.mark.parametrize("net", ["unet_small", "unet_base"])
-def test_model_for_net_specializes_cgml_only(compose_train, model, net):
-    """model_for_net/cgml_<net> gives cGML its image z-phase (U-Nets) or its table starts (MLP); other models
-    compose untouched; the command line wins."""
-    cfg = compose_train("experiment=fmnist_completion", f"model={model}", f"net={net}")
-    toy = compose_train("experiment=toy", f"model={model}")
-    if model == "cgml":
-        assert (cfg.model.z_steps, cfg.model.z_normalized, cfg.model.inference_steps) == (3, True, 1)
-        assert (toy.model.z_steps, toy.model.z_normalized, toy.model.sample_starts) == (10, True, "table")
-        assert cfg.model.sample_starts == "sphere"
-        assert (cfg.model.start_candidates, cfg.model.optimizer.lr, toy.model.start_candidates) == (2, 0.002, 4)
-        assert cfg.model.optimizer._target_ == "torch.optim.Adam" and toy.model.optimizer.lr == 0.001
-        assert compose_train("experiment=fmnist_completion", "model.z_steps=7").model.z_steps == 7
-        assert compose_train("experiment=fmnist_completion", "model.optimizer.lr=0.01").model.optimizer.lr == 0.01
-    else:
-        mlp = compose_train("experiment=fmnist_completion", f"model={model}", "net=mlp").model
-        assert "z_steps" not in cfg.model and cfg.model.keys() == mlp.keys()
-        assert cfg.model.optimizer == mlp.optimizer                           # the regressor keeps lr 0.001
+def test_z_phase_presets_by_data_kind(compose_train, model, digits_dm, toy_dm):
+    """cGML takes its z-phase and sampler settings from its z_phase preset, by data kind (images: three short
+    unit-gradient steps, one Z-step at sampling, lr 0.002; vectors: table starts, no Z-step); an explicit key wins;
+    the other models have no z-phase keys and keep their own learning rate."""
+    from cgml_lightning.runs import build_module
+
+    image_cfg = compose_train("experiment=digits_completion", f"model={model}")
+    toy_cfg = compose_train("experiment=toy", f"model={model}")
+    if model != "cgml":
+        assert "z_steps" not in image_cfg.model and "z_phase" not in image_cfg.model
+        own = compose_train("experiment=toy", f"model={model}").model.optimizer
+        assert image_cfg.model.optimizer == own                               # the model's own learning rate
+        return
+    image, toy = build_module(image_cfg, digits_dm).hparams, build_module(toy_cfg, toy_dm).hparams
+    assert (image.z_steps, image.z_normalized, image.z_lr, image.sample_steps) == (3, True, 0.05, 1)
+    assert (image.sample_starts, image.start_candidates, image.optimizer["lr"]) == ("sphere", 2, 0.002)
+    assert (toy.z_steps, toy.z_normalized, toy.sample_starts, toy.sample_steps) == (10, True, "table", 0)
+    assert (toy.start_candidates, toy.optimizer["lr"]) == (4, 0.001)
+    wins = build_module(compose_train("experiment=digits_completion", "model.z_steps=7", "model.optimizer.lr=0.01",
+                                      "model.z_phase=paper"), digits_dm).hparams
+    assert (wins.z_steps, wins.optimizer["lr"], wins.z_normalized, wins.sample_steps) == (7, 0.01, False, 5)
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim"])
@@ -470,7 +473,7 @@ def test_sample_with_a_mask_file_and_a_hint(digits_run, workdir, user_folder):
     out = workdir / "sample_mask"
     ckpt = digits_run / "checkpoints" / "last.ckpt"
     run_cli("cgml-sample", f"ckpt_path={ckpt}", f"input={user_folder / 'a_small.png'}", f"mask={mask_file}",
-            f"hint={hint_file}", "guide_settle_steps=0", "num_samples=4", f"hydra.run.dir={out}", cwd=workdir)
+            f"hint={hint_file}", "steps=0", "num_samples=4", f"hydra.run.dir={out}", cwd=workdir)
     saved = torch.load(out / "samples.pt", map_location="cpu", weights_only=True)
     assert saved["x"].shape == (1, 2, 8, 8)
     expected_mask = torch.zeros(8, 8)

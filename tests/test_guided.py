@@ -20,7 +20,7 @@ EPOCHS = 20
 def toy_model():
     L.seed_everything(0)
     dm = ToyDataModule(num_samples=2000, batch_size=32)
-    model = CGMLModule(dm.info(), {"name": "mlp", "width": 64}, latent_dim=10, z_steps=5, start_candidates=4,
+    model = CGMLModule(dm.info(), {"name": "mlp", "width": 64}, z_phase="paper", latent_dim=10, z_steps=5, start_candidates=4,
                        dynamics_net={"width": 64},
                        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-3},
                        scheduler={"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True,
@@ -53,13 +53,13 @@ def test_guide_sends_samples_to_the_constrained_mode_and_keeps_them_on_it(toy_mo
 
 
 def test_guide_without_z_steps_only_meets_the_constraint(toy_model):
-    """The Z-steps after the guide are what puts samples on a mode: without them (guide_settle_steps=0) the
+    """The Z-steps after the guide are what puts samples on a mode: without them (steps=0) the
     guided latents satisfy the constraint but decode between the modes more often."""
     model, dm = toy_model
     x = dm.grid(100)
     modes = dm.modes(x)
     guide = lambda s: torch.relu(-s[..., 0]).sum()                              # noqa: E731
     settled = model.sample(x, 20, seed=0, guide=guide)
-    raw = model.sample(x, 20, seed=0, guide=guide, guide_settle_steps=0)
+    raw = model.sample(x, 20, seed=0, guide=guide, steps=0)
     assert (raw[..., 0] > 0).float().mean() >= 0.9
     assert plus_mode_share(settled, modes) > plus_mode_share(raw, modes) + 0.1

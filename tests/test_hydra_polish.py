@@ -19,7 +19,7 @@ import cgml_lightning.conf
 ROOT = Path(__file__).resolve().parents[1]
 CONF = Path(cgml_lightning.conf.__path__[0])
 PAPER = "Conditional Generative Modeling via Learning the Latent Space"
-# the groups a user picks on each command, as its help lists them (internal groups such as model_for_net, paths,
+# the groups a user picks on each command, as its help lists them (internal groups such as paths,
 # feature_net stay out)
 HELP_GROUPS = {
     "train": ["experiment", "data", "model", "net", "trainer", "logger", "callbacks", "hparams_search", "debug",
@@ -28,7 +28,7 @@ HELP_GROUPS = {
     "sample": ["data"],
     "bench": ["profile", "logger"],
 }
-INTERNAL_GROUPS = {"model_for_net", "paths", "feature_net", "profile", "local"}
+INTERNAL_GROUPS = {"paths", "feature_net", "profile", "local"}
 
 
 def script(name: str) -> str:

@@ -21,6 +21,7 @@ from cgml_lightning.data import (ArrayDataModule, FashionMNISTDataModule, ImageF
                                  PairedFolderDataModule, ToyDataModule)
 from cgml_lightning.data.base import DegradedDataset, DrawSampler, IndexedDataset
 from cgml_lightning.data.folders import FileTable, ImageDataError, walk_images
+from cgml_lightning.models.cgml import z_phase_settings
 from cgml_lightning.instantiate import instantiate
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -351,7 +352,7 @@ def test_image_presets_compose_and_set_up(tmp_path, no_decoding, experiment, siz
     cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}", "data.num_workers=0"])
     assert cfg.data.image_size == size and cfg.net.name == "unet" and cfg.data.batch_size >= 8
     assert cfg.net.depth >= 4 and size // 2 ** cfg.net.depth >= 4                # a bottleneck of 4x4 or more
-    assert cfg.model.z_steps == 3 and cfg.model.z_normalized                       # cGML's image settings apply
+    assert cfg.model.z_phase == "auto" and cfg.model.z_steps is None              # from the preset, by data kind
     with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
         assert compose("train", [f"experiment={experiment}"]).net == compose("train", [f"net={net}"]).net
     if experiment.startswith("paired"):
@@ -359,6 +360,7 @@ def test_image_presets_compose_and_set_up(tmp_path, no_decoding, experiment, siz
     dm = instantiate(cfg.data)
     dm.setup()
     assert dm.info()["x_shape"] == [x_channels, size, size] and dm.augment.active
+    assert z_phase_settings("auto", dm.info()["kind"])["z_steps"] == 3              # cGML's image settings apply
     if experiment.startswith("folder_completion"):
         assert cfg.data.mask == "mixed"
 

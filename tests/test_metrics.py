@@ -14,7 +14,7 @@ from cgml_lightning.evaluation.feature_nets import (InceptionFeatures, build_eva
 from cgml_lightning.evaluation.metrics import (fid_metric, image_metrics, mode_metrics, mode_tolerance,
                                                pairwise_l1_diversity, psnr, ssim, vector_metrics)
 from cgml_lightning.evaluation.probe import encoder_features, linear_probe, linear_probe_accuracy
-from cgml_lightning.modules import MODULES
+from cgml_lightning.models import MODULES
 
 
 # ---- diversity -----------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def test_every_module_exposes_encoder_features(name, digits_dm):
 
 
 def test_linear_probe_needs_labels(toy_dm):
-    from cgml_lightning.modules import RegressorModule
+    from cgml_lightning.models import RegressorModule
 
     module = RegressorModule(data_info=toy_dm.info(), net={"name": "mlp", "width": 8, "depth": 1})
     with pytest.raises(ValueError, match="ToyDataModule has no class labels"):

@@ -11,7 +11,7 @@ from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
 
 MLP_NET = {"name": "mlp", "width": 32, "depth": 2}
 UNET_NET = {"name": "unet", "width": 8, "depth": 2}
-SMALL = dict(latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
+SMALL = dict(z_phase="paper", latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
 
 
 def tiny_trainer(max_epochs: int = 2, **kwargs) -> L.Trainer:
@@ -210,7 +210,7 @@ def test_sample_steps_argument(fitted, toy_dm):
     five = module.sample(x, num_samples=3, seed=0, steps=5)
     assert zero.shape == five.shape == (4, 3, 3)
     assert not torch.allclose(zero, five)                       # the Z-steps move the latents
-    assert torch.equal(module.sample(x, num_samples=3, seed=0), five)   # default inference_steps=5
+    assert torch.equal(module.sample(x, num_samples=3, seed=0), five)   # the paper z_phase: sample_steps=5
 
 
 def test_cgml_samples_are_diverse(fitted, toy_dm):
@@ -263,15 +263,15 @@ def test_sample_pool_on_completion_keeps_visible_pixels(digits_dm):
 @pytest.mark.parametrize("steps", [0, None])
 def test_guided_sampling_moves_samples_the_right_way(fitted, toy_dm, steps):
     """A guide penalising the samples' sum must lower the samples' mean, raising it when negated, with or without
-    the inference Z-steps (steps=None: the module's default inference_steps)."""
+    the inference Z-steps (steps=None: the module's default sample_steps)."""
     module, _, _ = fitted
     module.zero_grad(set_to_none=True)
     was_training = module.training
     x = toy_dm.grid(8)
     free = module.sample(x, num_samples=6, seed=0, steps=steps)
     # no settling Z-steps after the guide: this tiny model's Z is untrained and would scatter the guided latents
-    down = module.sample(x, num_samples=6, seed=0, steps=steps, guide=lambda s: s.sum(), guide_settle_steps=0)
-    up = module.sample(x, num_samples=6, seed=0, steps=steps, guide=lambda s: -s.sum(), guide_settle_steps=0)
+    down = module.sample(x, num_samples=6, seed=0, guide=lambda s: s.sum(), steps=0)
+    up = module.sample(x, num_samples=6, seed=0, guide=lambda s: -s.sum(), steps=0)
     assert down.shape == up.shape == free.shape
     assert not down.requires_grad
     assert down.mean() < free.mean() < up.mean()
@@ -301,7 +301,7 @@ def test_table_starts_draw_distinct_latents_of_the_nearest_written_rows(toy_dm):
 
 
 def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
-    module = table_module(toy_dm, inference_steps=0)
+    module = table_module(toy_dm, sample_steps=0)
     tiny_trainer(max_epochs=1, limit_train_batches=3).fit(module, datamodule=toy_dm)
     written = ~torch.isnan(module.latent_keys).any(dim=1)
     assert written.sum() == 3 * toy_dm.batch_size                     # exactly the rows of the 3 batches seen
@@ -329,7 +329,7 @@ def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
 
 
 def test_table_starts_on_images(toy_dm, digits_dm):
-    module, batch = make_module("unet", toy_dm, digits_dm, sample_starts="table", inference_steps=1)
+    module, batch = make_module("unet", toy_dm, digits_dm, sample_starts="table", sample_steps=1)
     tiny_trainer(max_epochs=1, limit_train_batches=1).fit(module, datamodule=digits_dm)
     x = batch["x"][:3]
     free = module.sample(x, num_samples=4, seed=0)
@@ -392,3 +392,20 @@ def test_completion_keeps_visible_pixels_exactly(digits_dm):
     # the hole is the generator's: it varies with z
     hole = ~visible
     assert not torch.equal(samples[:, 0][hole], samples[:, 1][hole])
+
+
+def test_z_phase_presets_fill_what_is_not_given(toy_dm, digits_dm):
+    """The Python API defaults to what the configs ship: the image preset on image data, the vector one otherwise;
+    explicit values win, hparams record the values in force, and an unknown preset is named."""
+    image = CGMLModule(digits_dm.info(), UNET_NET, latent_dim=4).hparams
+    vector = CGMLModule(toy_dm.info(), MLP_NET, latent_dim=4, z_lr=0.3).hparams
+    assert (image.z_steps, image.z_lr, image.z_normalized, image.sample_steps, image.optimizer["lr"]) == (3, 0.05, True, 1, 2e-3)
+    assert (vector.z_lr, vector.sample_starts, vector.sample_steps, vector.optimizer["lr"]) == (0.3, "table", 0, 1e-3)
+    with pytest.raises(ValueError, match="model.z_phase must be auto, image, vector, paper; got 'fast'"):
+        CGMLModule(toy_dm.info(), MLP_NET, latent_dim=4, z_phase="fast")
+
+
+def test_inference_steps_of_older_checkpoints_become_sample_steps(toy_dm):
+    with pytest.warns(FutureWarning, match="sample_steps"):
+        module = CGMLModule(toy_dm.info(), MLP_NET, latent_dim=4, inference_steps=2)
+    assert module.hparams.sample_steps == 2 and "inference_steps" not in module.hparams

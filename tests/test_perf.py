@@ -1,7 +1,8 @@
-"""The lean z-phase (issue: perf): what a z-step may and may not run, and the profiling helpers.
-Behaviour only; the speed itself is measured by `python -m cgml_lightning.profiling`, never by a timed test."""
+"""The lean z-phase: what a z-step may and may not run, and the timing helpers.
+Behaviour only; the speed itself is measured by `python -m cgml_lightning.timing`, never by a timed test."""
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -9,10 +10,10 @@ from torch import nn
 from cgml_lightning import CGMLModule, RegressorModule
 from cgml_lightning import algorithm as A
 from cgml_lightning.nets.unet import UNetGenerator
-from cgml_lightning.profiling import peak_step_memory_mb, phase_profile, samples_per_second, train_step_seconds
+from cgml_lightning.timing import samples_per_second, step_profile
 
 UNET_NET = {"name": "unet", "width": 8, "depth": 2}
-SMALL = dict(latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
+SMALL = dict(z_phase="paper", latent_dim=4, z_steps=3, start_candidates=4, dynamics_net={"width": 32, "depth": 2})
 
 
 def count_calls(modules: list[nn.Module]) -> list[int]:
@@ -84,41 +85,53 @@ def test_z_steps_memory_is_flat():
     assert len({id(z) for z in leaves}) == 4
 
 
-def test_profiling_helpers(digits_dm):
-    """train_step_seconds steps both kinds of module outside a Trainer and leaves them as they were;
-    phase_profile changes no weight."""
+def test_step_profile_times_the_modules_own_step_and_its_phases(digits_dm):
+    """step_profile runs each kind of module's own training step (manual and automatic optimization) through a
+    Trainer, and reads cGML's phase records from Lightning's profiler; sampling throughput is positive."""
     torch.manual_seed(0)
     cgml = CGMLModule(digits_dm.info(), UNET_NET, **SMALL)
     reg = RegressorModule(digits_dm.info(), UNET_NET)
-    batch = next(iter(digits_dm.train_dataloader()))
+    batches = [next(iter(digits_dm.train_dataloader()))] * 3
     before = {k: v.clone() for k, v in cgml.state_dict().items()}
-    times = train_step_seconds({"cgml": cgml, "regressor": reg}, batch, repeats=2, warmup=0)
-    assert set(times) == {"cgml", "regressor"} and all(t > 0 for t in times.values())
+    timed = {name: step_profile(m, batches, warmup=1) for name, m in {"cgml": cgml, "regressor": reg}.items()}
+    assert all(t["step_s"] > 0 for t in timed.values())
     changed = [k for k, v in cgml.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("generator.") for k in changed) and "latents" in changed
-    assert "optimizers" not in cgml.__dict__ and "log" not in cgml.__dict__        # patches removed
+    phases = timed["cgml"]["phases_s"]
+    assert set(phases) == {"encoder", "start_selection", "z_steps", "dynamics_loss", "w_loss", "backward", "update"}
+    assert 0 < sum(phases.values()) <= timed["cgml"]["step_s"] * 1.05
+    assert timed["regressor"]["phases_s"] == {}                         # it records no sections
+    assert samples_per_second(cgml, batches[0]["x"][:4], 3, repeats=1) > 0
 
-    after_steps = {k: v.clone() for k, v in cgml.state_dict().items()}
-    phases = phase_profile(cgml, batch, repeats=1, warmup=0)
-    assert set(phases) == {"encoder_s", "start_selection_s", "z_steps_s", "dynamics_phase_s", "w_phase_s"}
-    assert all(torch.equal(v, after_steps[k]) for k, v in cgml.state_dict().items())
-    assert samples_per_second(cgml, batch["x"][:4], 3, repeats=1) > 0
+
+def test_phase_records_reach_a_real_runs_profiler(toy_dm):
+    """trainer.profiler=simple in a real run lists cGML's sections; without a profiler nothing is recorded."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    module = CGMLModule(toy_dm.info(), {"name": "mlp", "width": 16, "depth": 2}, **SMALL)
+    profiler = SimpleProfiler()
+    L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              profiler=profiler).fit(module, toy_dm)
+    assert len(profiler.recorded_durations["[cgml] z_steps"]) == 2
+    with module.phase("anything"):                                     # the trainer's profiler is gone after fit
+        pass
 
 
 def test_peak_step_memory_grows_with_the_batch(digits_dm):
     """The step's peak memory is measured per module and scales with what the step holds (16x the rows)."""
     torch.manual_seed(0)
     net = {"name": "unet", "width": 32, "depth": 2, "decoder_convs": 1}
-    modules = {"cgml": CGMLModule(digits_dm.info(), net, latent_dim=16, z_steps=3),
+    modules = {"cgml": CGMLModule(digits_dm.info(), net, z_phase="paper", latent_dim=16, z_steps=3),
                "regressor": RegressorModule(digits_dm.info(), net)}
     train = digits_dm.splits["train"]
     rows = torch.arange(256) % len(train)
     big = {"x": train.x[rows], "y": train.y[rows], "index": rows}
     small = {k: v[:16] for k, v in big.items()}
-    peak_big, peak_small = peak_step_memory_mb(modules, big), peak_step_memory_mb(modules, small)
+    peak_big = {n: step_profile(m, [big] * 2, warmup=1)["peak_mb"] for n, m in modules.items()}
+    peak_small = {n: step_profile(m, [small] * 2, warmup=1)["peak_mb"] for n, m in modules.items()}
     if peak_big["cgml"] is None:
         pytest.skip("neither CUDA nor /proc/self/clear_refs: peak memory is not readable here")
-    assert set(peak_big) == {"cgml", "regressor"}
     assert peak_big["cgml"] > 3 * peak_small["cgml"] > 0 and peak_big["regressor"] > 3 * peak_small["regressor"] > 0
 
 

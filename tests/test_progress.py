@@ -80,7 +80,7 @@ def test_num_batches_bounds_the_evaluation_bar(digits_dm):
 # ---- evaluate ----------------------------------------------------------------------------------------------------
 def test_evaluate_same_metrics_with_progress_on_and_off(digits_dm, monkeypatch, capsys):
     torch.manual_seed(0)
-    module = CGMLModule(digits_dm.info(), {"name": "unet", "width": 8, "depth": 1}, latent_dim=4)
+    module = CGMLModule(digits_dm.info(), {"name": "unet", "width": 8, "depth": 1}, z_phase="paper", latent_dim=4)
     runs = {}
     for setting in ("1", "0"):
         monkeypatch.setenv("CGML_PROGRESS", setting)

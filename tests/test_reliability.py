@@ -157,7 +157,8 @@ def toy_module(num_samples: int, width: int = 128, seed: int = 0) -> CGMLModule:
 
     dm = ToyDataModule(num_samples=num_samples, seed=seed, val_fraction=0.05, test_fraction=0.05)
     torch.manual_seed(123)
-    return CGMLModule(dm.info(), {"name": "mlp", "width": width, "depth": 3, "spectral_norm": False}, latent_dim=10)
+    return CGMLModule(dm.info(), {"name": "mlp", "width": width, "depth": 3, "spectral_norm": False}, z_phase="paper",
+                      latent_dim=10)
 
 
 def test_init_weights_from_copies_weights_and_keeps_a_fresh_table(trained_ckpt):
@@ -462,7 +463,7 @@ def nan_setup(n: int = 64, batch_size: int = 16, **kwargs) -> tuple[CGMLModule, 
     y = torch.full((n, 3), float("nan"))
     info = {"kind": "vector", "x_shape": [1], "y_shape": [3], "num_train_samples": n, "mask_channel": False,
             "fingerprint": "nan-only"}
-    module = CGMLModule(info, {"name": "mlp", "width": 16, "depth": 2}, latent_dim=4, z_steps=2, start_candidates=2,
+    module = CGMLModule(info, {"name": "mlp", "width": 16, "depth": 2}, z_phase="paper", latent_dim=4, z_steps=2, start_candidates=2,
                         dynamics_net={"width": 16, "depth": 2}, **kwargs)
     return module, DataLoader(IndexedDataset(x, y), batch_size=batch_size, shuffle=False)
 

@@ -59,7 +59,7 @@ def test_a_refused_target_never_runs(tmp_path):
 def test_the_shipped_and_package_targets_are_registered():
     check_targets({"a": {"_target_": "torch.optim.AdamW"}, "b": {"_target_": "lightning.Trainer"},
                    "c": {"_target_": "cgml_lightning.data.ToyDataModule"},
-                   "d": {"_target_": "cgml_lightning.modules.flow.FlowModule"},
+                   "d": {"_target_": "cgml_lightning.models.flow.FlowModule"},
                    "e": {"_target_": "cgml_lightning.callbacks.PreemptionCheckpoint"},
                    "f": {"_target_": "lightning.pytorch.loggers.WandbLogger"}})
     with pytest.raises(ValueError, match="not a registered target"):      # a package function is not a class
@@ -197,7 +197,7 @@ def toy_fit(tmp_path: Path, callbacks: list, batches: int = 4, **trainer) -> tup
 
     dm = ToyDataModule(num_samples=256, batch_size=32)
     dm.setup()
-    module = CGMLModule(dm.info(), {"name": "mlp", "width": 16, "depth": 2}, latent_dim=4, z_steps=2,
+    module = CGMLModule(dm.info(), {"name": "mlp", "width": 16, "depth": 2}, z_phase="paper", latent_dim=4, z_steps=2,
                         start_candidates=1, dynamics_net={"width": 16, "depth": 2})
     fit = L.Trainer(accelerator="cpu", devices=1, limit_train_batches=batches, limit_val_batches=0,
                     logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -369,7 +369,7 @@ def test_checkpoint_errors_name_the_file(toy_ckpt, tmp_path):
 
 def test_a_regressor_checkpoint_names_the_class_to_use(tmp_path):
     from cgml_lightning.data import ToyDataModule
-    from cgml_lightning.modules import ConditionalModule
+    from cgml_lightning.models import ConditionalModule
 
     dm = ToyDataModule(num_samples=64)
     module = RegressorModule(dm.info(), {"name": "mlp", "width": 8, "depth": 1})

@@ -72,7 +72,7 @@ def test_checkpoints_with_and_without_the_record(tmp_path):
     data_cfg = {"_target_": "cgml_lightning.data.DigitsDataModule", "mask_side": "left"}
     legacy_info = {k: v for k, v in dm.info().items() if k != "degradation"}
     for info in ({**dm.info(), "data": data_cfg}, {**legacy_info, "data": data_cfg}):
-        module = CGMLModule(info, {"name": "unet", "width": 8, "depth": 1}, latent_dim=4)
+        module = CGMLModule(info, {"name": "unet", "width": 8, "depth": 1}, z_phase="paper", latent_dim=4)
         trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
         trainer.strategy.connect(module)
         trainer.save_checkpoint(tmp_path / "model.ckpt")

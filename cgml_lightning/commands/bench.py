@@ -13,16 +13,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cgml_lightning.benchmark import (cgml_phases, convergence_curve, first_batches, first_inputs, load_task,
-                                      markdown, plot_curves, train_config, train_model, train_seconds_per_step)
-from cgml_lightning.evaluation.feature_nets import build_eval_nets
+from cgml_lightning.benchmark import (convergence_curve, first_batches, first_inputs, load_task, markdown,
+                                      plot_curves, step_timing, train_config, train_model)
 from cgml_lightning.evaluation import evaluate
+from cgml_lightning.evaluation.feature_nets import build_eval_nets
+from cgml_lightning.evaluation.probe import linear_probe
 from cgml_lightning.files import save_image, write_json, write_text
 from cgml_lightning.plots import models_grid
-from cgml_lightning.evaluation.probe import linear_probe
-from cgml_lightning.profiling import samples_per_second
 from cgml_lightning.runs import (CONFIG_PATH, build_loggers, is_wandb, log_picture, log_results, output_dir, plain,
                                  run_record, task)
+from cgml_lightning.timing import samples_per_second
 
 log = logging.getLogger("cgml_lightning")
 TABLE_KEYS = ("psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "fid", "sample_class_acc", "probe_acc",
@@ -90,30 +90,29 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
         log.info("%s: trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", stage,
                  snapshots.points[-1][1], curve[-1]["seconds"], prof.num_samples, metrics["psnr_best_of_n"],
                  metrics.get("fid"), probe)
+    phases = None
     for i, (name, module) in enumerate(models.items(), 1):    # timings last, one model at a time, no training around
         log.info("bench timing [%d/%d] model=%s", i, len(models), name)
         results[name]["samples_per_s"] = samples_per_second(module, speed_x, prof.num_samples, prof.speed_repeats)
-        results[name]["train_s_per_step"] = train_seconds_per_step(module, configs[name], timing_batches,
-                                                                   prof.timing_warmup)
+        timing = step_timing(module, configs[name], timing_batches, prof.timing_warmup)
+        results[name]["train_s_per_step"] = timing["step_s"]
+        phases = timing["phases_s"] if name == "cgml" else phases
         log.info("bench timing model=%s: %.3f s/step, %.0f samples/s", name, results[name]["train_s_per_step"],
                  results[name]["samples_per_s"])
 
     hydra_cfg = HydraConfig.get()
-    report = {"task": task_name, "z_steps": configs["cgml"].model.z_steps if "cgml" in configs else None,
+    report = {"task": task_name, "z_steps": models["cgml"].hparams.z_steps if "cgml" in models else None,
               "models": results, "profile": hydra_cfg.runtime.choices.get("profile"), "budget_s": prof.budget_s,
               "command": " ".join(["cgml-bench", *hydra_cfg.overrides.task]),
               "date": datetime.now().isoformat("T", "seconds"),
               "device": str(next(iter(models.values())).device), "torch_threads": torch.get_num_threads(),
               "net": plain(configs[cfg.models[0]].net), "num_inputs": results[cfg.models[0]]["num_inputs"],
               "num_samples": prof.num_samples, "feature_nets": nets.describe(), "task_note": task_note,
-              "timing_batches": prof.timing_batches, "phase_repeats": prof.phase_repeats}
+              "timing_batches": prof.timing_batches}
     write_json(out / "bench.json", report)
     plot_curves(results, out / "convergence.png", prof.curve_num_samples)
     save_image(models_grid(picture_batch["x"], pictures, picture_batch["y"]), out / "bench_samples.png")
-    write_text(out / "bench.md", markdown(report, None))
-    if "cgml" in models:                                        # written last: bench.json/md exist if it fails
-        phases = cgml_phases(models["cgml"], timing_batches[0], prof.phase_repeats)
-        write_text(out / "bench.md", markdown(report, phases))
+    write_text(out / "bench.md", markdown(report, phases))
     log.info("wrote %s", out / "bench.md")
     return report
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from cgml_lightning.files import atomic_path, save_image
-from cgml_lightning.modules import ConditionalModule
+from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
 from cgml_lightning.runs import CONFIG_PATH, checkpoint_datamodule, inference_device, load_checkpoint, output_dir
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
@@ -63,7 +63,7 @@ def run_sample(cfg: DictConfig) -> Path:
     module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
     inputs, dm = sample_inputs(cfg, module)
     out = output_dir()
-    kwargs = {k: cfg[k] for k in ("guide_steps", "guide_lr", "guide_settle_steps") if cfg.get(k) is not None}
+    kwargs = {k: cfg[k] for k in ("steps", "guide_steps", "guide_lr") if cfg.get(k) is not None}
     payload: dict[str, Any] = {"x": inputs.x, "files": inputs.files}
     if cfg.get("hint"):
         guided = hint_kwargs(cfg, module, inputs.x)

@@ -45,10 +45,14 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, key) -> dict[str, Any]:
         i = draw_key(key)[0]
-        item = {"x": self.x[i], "y": self.y[i], "index": i}
-        if self.label is not None:
-            item["label"] = self.label[i]
-        return item
+        return labelled({"x": self.x[i], "y": self.y[i], "index": i}, self.label, i)
+
+
+def labelled(item: dict[str, Any], labels, i: int) -> dict[str, Any]:
+    """The item with its class label (row i of labels) when the data has labels."""
+    if labels is not None:
+        item["label"] = labels[i]
+    return item
 
 
 class DegradedDataset(Dataset):
@@ -83,10 +87,7 @@ class DegradedDataset(Dataset):
     def __getitem__(self, key) -> dict[str, Any]:
         i, seed = self.seed_for(key)
         x = self.degradation(self.y[i], torch.Generator().manual_seed(seed))
-        item = {"x": x, "y": self.y[i], "index": i}
-        if self.label is not None:
-            item["label"] = self.label[i]
-        return item
+        return labelled({"x": x, "y": self.y[i], "index": i}, self.label, i)
 
 
 class DrawSampler(DistributedSampler):

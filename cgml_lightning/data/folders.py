@@ -79,6 +79,14 @@ def walk_images(folder: str | Path) -> Iterator[tuple[str, int]]:
     yield from visit(str(folder), "")
 
 
+def image_table(root: Path) -> FileTable:
+    """Every image under root (recursive, sorted), listed without reading a pixel; an error naming root when none."""
+    table = FileTable.build(walk_images(root))
+    if not len(table):
+        raise no_images_error(root, "data.root")
+    return table
+
+
 def no_images_error(folder: Path, key: str) -> FileNotFoundError:
     return FileNotFoundError(f"{key}: no images in {folder.resolve()} (looked recursively for "
                              f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
@@ -488,10 +496,7 @@ class ImageFolderDataModule(FolderDataModule):
         self.collate = ImageBatch(self.degradation)
 
     def list_samples(self, root: Path) -> tuple[FileTable, ...]:
-        table = FileTable.build(walk_images(root))
-        if not len(table):
-            raise no_images_error(root, "data.root")
-        return (table,)
+        return (image_table(root),)
 
     def shapes(self) -> tuple[list[int], list[int]]:
         w, h = self.size
@@ -530,10 +535,7 @@ class PairedFolderDataModule(FolderDataModule):
             raise FileNotFoundError(f"data.layout=folders needs subfolders A/ and B/ in {root.resolve()}")
         self.side_by_side = not (self.layout == "folders" or (self.layout == "auto" and folders))
         if self.side_by_side:
-            table = FileTable.build(walk_images(root))
-            if not len(table):
-                raise no_images_error(root, "data.root")
-            return (table,)
+            return (image_table(root),)
         return pair_tables(root)
 
     def check_sample(self, paths: list[str], sizes: list[tuple[int, int]]) -> tuple[int, int]:

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 
 from cgml_lightning.data.base import SplitDataModule
 from cgml_lightning.data.degradations import Degradation

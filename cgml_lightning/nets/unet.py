@@ -4,8 +4,9 @@ Each decoder level's first conv sees [upsampled h, skip]. Written as up_in(h) + 
 function: a conv of a concatenation is the sum of convs of its parts), the skip's half does not depend on z,
 so encode() computes it once per input and every z-step (and sample) reuses it: a z-step then costs only
 the z-dependent part of the decoder, forward and backward. up_in is a 4x4 stride-2 transposed conv
-(upsample="transposed"): on 2 CPU cores its forward + input-gradient ran 2-3x faster than nearest
-upsampling followed by a 3x3 conv at the higher resolution (upsample="nearest"), and a z-step is exactly that.
+(upsample="transposed"): it works at the lower resolution, where nearest upsampling followed by a 3x3 conv
+(upsample="nearest") convolves at the higher one, and a z-step is exactly that forward and input-gradient
+(docs/algorithm.md has the measured difference).
 """
 from __future__ import annotations
 

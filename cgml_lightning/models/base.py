@@ -3,6 +3,7 @@ manual steps, gradient clipping, the NaN/Inf guard), checkpoints, the sampling A
 A model file holds its method only: its losses, its training step and its `_sample`."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import os
@@ -11,6 +12,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 import lightning as L
+from lightning.pytorch.profilers import PassThroughProfiler
 import torch
 from torch import Tensor, nn
 
@@ -54,6 +56,17 @@ def in_chunks(fn: Callable[[Tensor], Tensor], num_rows: int, chunk_size: int, de
     return torch.cat([fn(chunk) for chunk in torch.arange(num_rows, device=device).split(chunk_size)])
 
 
+@contextlib.contextmanager
+def synced_section(section, device: torch.device):
+    """`section` (a profiler record) entered and left after the queued GPU work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with section:
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
 class ConditionalModule(L.LightningModule):
     """Base for cGML and its baselines. Hyperparameters are plain containers, so checkpoints load with
     `torch.load(weights_only=True)` and `load_from_checkpoint(path)` needs no other argument.
@@ -93,6 +106,15 @@ class ConditionalModule(L.LightningModule):
         latent_dim are set and before channels_last/compile are applied to what it returns."""
         return nets.build_generator(net, self.x_shape, self.y_shape, self.latent_dim)
 
+    def phase(self, name: str):
+        """A section of the training step, recorded by the Trainer's profiler as `[<module>] <name>`
+        (`trainer.profiler=simple` lists them; timing.step_profile reads them); nothing without a profiler. On CUDA
+        the section waits for its kernels, so a record covers their work, not their launch."""
+        trainer = self._trainer
+        if trainer is None or isinstance(trainer.profiler, PassThroughProfiler):
+            return contextlib.nullcontext()
+        return synced_section(trainer.profiler.profile(f"[{self.module_name}] {name}"), self.device)
+
     def probe_features(self, x: Tensor) -> Tensor:
         """Frozen encoder features of inputs x [B, *x_shape]: Tensor[B, generator.feature_dim], the generator's
         summary of its encoding (the U-Net's pooled bottleneck, the MLP's hidden layer); what a linear probe reads."""
@@ -104,7 +126,7 @@ class ConditionalModule(L.LightningModule):
         """Lightning's loader, safe by default (weights_only=True: our checkpoints hold plain containers only).
         The class comes from the name the checkpoint records: ConditionalModule.load_from_checkpoint loads any
         cgml-lightning checkpoint; a subclass refuses another module's checkpoint, naming the one to use."""
-        from cgml_lightning.modules import MODULES
+        from cgml_lightning.models import MODULES
 
         checkpoint, data = read_checkpoint_bytes(checkpoint_path)
         recorded = checkpoint.get("cgml_module")

@@ -1,5 +1,7 @@
-"""CGMLModule: orchestrates the z-phase, Z-phase, table write-back and w-phase of cGML."""
+"""CGMLModule: orchestrates the z-phase, dynamics phase, table write-back and w-phase of cGML."""
 from __future__ import annotations
+
+import warnings
 
 from pathlib import Path
 from typing import Any, Callable
@@ -8,21 +10,51 @@ import torch
 from torch import Tensor, nn
 
 from cgml_lightning import algorithm as A
-from cgml_lightning.modules.base import ConditionalModule, in_chunks, repeat_feats, sample_rows
+from cgml_lightning.models.base import DEFAULT_OPTIMIZER, ConditionalModule, in_chunks, repeat_feats, sample_rows
 from cgml_lightning.nets import DynamicsNet
 
 
+# The z-phase and sampler settings that go together (model.z_phase; an explicit key wins over its preset's value).
+# image: an L1 summed over hundreds of pixels has a gradient of norm ~24 in z, so plain steps of z_lr x gradient
+#   jump across the sphere and Z cannot predict where such paths end: three short unit-gradient steps, one Z-step
+#   at sampling, fresh sphere starts, and twice the baselines' learning rate.
+# vector: unit-gradient steps move z as far where the outputs are tiny as where they are large, so every branch
+#   gets its own region of the sphere; sampling draws the table latents of the training inputs nearest in encoder
+#   features (Z walking uniform starts pulls them between branches).
+# paper: the paper's settings (plain gradient steps, five Z-steps from uniform sphere starts).
+Z_PHASES: dict[str, dict[str, Any]] = {
+    "image": {"z_steps": 3, "z_lr": 0.05, "z_normalized": True, "start_candidates": 2, "sample_steps": 1,
+              "sample_starts": "sphere", "lr": 2e-3},
+    "vector": {"z_steps": 10, "z_lr": 0.1, "z_normalized": True, "start_candidates": 4, "sample_steps": 0,
+               "sample_starts": "table", "lr": 1e-3},
+    "paper": {"z_steps": 10, "z_lr": 0.1, "z_normalized": False, "start_candidates": 4, "sample_steps": 5,
+              "sample_starts": "sphere", "lr": 1e-3},
+}
+
+
+def z_phase_settings(z_phase: str, kind: str | None, **given: Any) -> dict[str, Any]:
+    """The preset's settings (auto: image for image data, vector otherwise) with every given non-None value on top."""
+    name = ("image" if kind == "image" else "vector") if z_phase == "auto" else z_phase
+    if name not in Z_PHASES:
+        raise ValueError(f"model.z_phase must be auto, {', '.join(Z_PHASES)}; got {z_phase!r}")
+    return {**Z_PHASES[name], **{k: v for k, v in given.items() if v is not None}}
+
+
 class CGMLModule(ConditionalModule):
-    """cGML: per batch, a z-phase (gradient steps on z alone from mode-consistent starts), a Z-phase (the dynamics
+    """cGML: per batch, a z-phase (gradient steps on z alone from mode-consistent starts), a dynamics phase (the dynamics
     net regresses the z-trajectory), the converged z written to the latent table, and a w-phase (encoder + decoder
     fitted at the converged z). Sampling walks sphere or table starts with Z, optionally guided.
+
+    z_phase names the z-phase and sampler settings that go together (Z_PHASES: image, vector, paper; auto picks
+    image for image data, vector otherwise); z_steps, z_lr, z_normalized, start_candidates, sample_steps,
+    sample_starts and optimizer["lr"] left at None take the preset's value, and hparams record the values in force.
 
     The latent table `latents` [num_train_samples, d] holds, per training example, the z its last z-phase converged
     to (written whenever the example is in a finite training batch; every rank holds the whole table). Its uses:
     - the z-phase's warm start: the example's row is one start candidate, unless replaced by a fresh sphere point
       with probability restart_prob. At restart_prob=1 (the default, which every shipped setting keeps) it is
       always replaced, so no row ever becomes a training start;
-    - sample_starts=table (the vector-data settings, model_for_net/cgml_mlp): sampling starts from the rows of the
+    - sample_starts=table (the vector z_phase): sampling starts from the rows of the
       training inputs whose encoder summaries (`latent_keys`, written with the rows) are nearest the input's;
     - guided sampling with table starts: the guided latents are snapped back onto those neighbours' rows;
     - resume: the table is checkpointed, so a resumed run holds the rows written before the interruption.
@@ -34,17 +66,29 @@ class CGMLModule(ConditionalModule):
     guide_error = None
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
-                 latent_dim: int = 16, z_steps: int = 10, z_lr: float = 0.1, momentum: float = 0.0,
-                 z_normalized: bool = False,
-                 start_candidates: int = 4, restart_prob: float = 1.0, inference_steps: int = 5,
-                 dynamics_target: str = "final", sample_starts: str = "sphere", table_neighbours: int = 32,
+                 latent_dim: int = 16, z_phase: str = "auto", z_steps: int | None = None, z_lr: float | None = None,
+                 momentum: float = 0.0, z_normalized: bool | None = None, start_candidates: int | None = None,
+                 restart_prob: float = 1.0, sample_steps: int | None = None, dynamics_target: str = "final",
+                 sample_starts: str | None = None, table_neighbours: int = 32,
                  distance: str = "l1", distance_region: str = "auto",
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
                  clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4,
-                 compile: bool = False, channels_last: bool = False, start_batching: str = "loop"):
+                 compile: bool = False, channels_last: bool = False, start_batching: str = "loop",
+                 inference_steps: int | None = None):
+        if inference_steps is not None:               # the name checkpoints before `sample_steps` recorded
+            warnings.warn("CGMLModule(inference_steps=...) is now sample_steps=...", FutureWarning, stacklevel=2)
+            sample_steps = inference_steps if sample_steps is None else sample_steps
+        settings = z_phase_settings(z_phase, data_info.get("kind"), z_steps=z_steps, z_lr=z_lr,
+                                    z_normalized=z_normalized, start_candidates=start_candidates,
+                                    sample_steps=sample_steps, sample_starts=sample_starts,
+                                    lr=(optimizer or {}).get("lr"))
+        optimizer = {**DEFAULT_OPTIMIZER, **(optimizer or {}), "lr": settings.pop("lr")}
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last)
+        self.hparams.pop("inference_steps", None)
+        self.hparams.update(settings, optimizer=optimizer)     # the settings in force, as checkpoints record them
+        sample_starts = settings["sample_starts"]
         self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
         self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
         if self.lipschitz["kind"] not in ("none", "perturbation", "spectral"):
@@ -104,9 +148,11 @@ class CGMLModule(ConditionalModule):
                 generator: torch.Generator | None = None) -> Tensor:
         """k projected gradient steps on z only, from the chosen start: the trajectory [k+1, B, d]."""
         feats = tuple(f.detach() for f in feats)
-        z0 = self.initial_latents(feats, y, x, index, generator)
+        with self.phase("start_selection"):
+            z0 = self.initial_latents(feats, y, x, index, generator)
         hp = self.hparams
-        return A.z_descent(self.loss_fn(feats, y, x), z0, hp.z_steps, hp.z_lr, hp.momentum, hp.z_normalized)
+        with self.phase("z_steps"):
+            return A.z_descent(self.loss_fn(feats, y, x), z0, hp.z_steps, hp.z_lr, hp.momentum, hp.z_normalized)
 
     def dynamics_phase_loss(self, hbar: Tensor, path: Tensor) -> Tensor:
         """Regress Z on every step of the trajectory, all k*B pairs in one batch."""
@@ -143,21 +189,26 @@ class CGMLModule(ConditionalModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, y, index = batch["x"], batch["y"], batch["index"]
         opt_w, opt_z = self.optimizers()
-        feats = self.generator.encode(x)                                                # once per batch
+        with self.phase("encoder"):
+            feats = self.generator.encode(x)                                            # once per batch
         path = self.z_phase(feats, y, x, index, self.step_generator())                  # [k+1, B, d]
-        hbar = self.generator.summarize(feats)
-        dyn_loss = self.dynamics_phase_loss(hbar, path)
-        w_loss = self.generator_phase_loss(feats, path[-1], y, x)
-        # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
-        self.zero_grads()
-        self.manual_backward(w_loss + dyn_loss)
+        with self.phase("dynamics_loss"):
+            hbar = self.generator.summarize(feats)
+            dyn_loss = self.dynamics_phase_loss(hbar, path)
+        with self.phase("w_loss"):
+            w_loss = self.generator_phase_loss(feats, path[-1], y, x)
+        with self.phase("backward"):
+            # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
+            self.zero_grads()
+            self.manual_backward(w_loss + dyn_loss)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not self.all_finite(w_loss, dyn_loss, path[-1], torch.nn.utils.get_total_norm(grads)):
             return self.skip_nonfinite(batch_idx)
-        self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
-        self.clip(opt_w)                                                                # encoder + decoder only
-        opt_w.step()
-        opt_z.step()
+        with self.phase("update"):
+            self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
+            self.clip(opt_w)                                                            # encoder + decoder only
+            opt_w.step()
+            opt_z.step()
         self.nonfinite_streak = 0
         self.log_dict({"train/w_loss": w_loss.detach(), "train/dynamics_loss": dyn_loss.detach()},
                       prog_bar=True, batch_size=len(x))
@@ -184,8 +235,8 @@ class CGMLModule(ConditionalModule):
 
     # ---- inference ----------------------------------------------------------------------------------------
     def _sample(self, x: Tensor, num_samples: int, steps: int | None, guide, generator, chunk_size: int = 8192,
-                guide_steps: int = 20, guide_lr: float = 0.2, guide_settle_steps: int | None = None) -> Tensor:
-        steps = self.hparams.inference_steps if steps is None else steps
+                guide_steps: int = 20, guide_lr: float = 0.2) -> Tensor:
+        steps = self.hparams.sample_steps if steps is None else steps
         b, n = len(x), num_samples
         feats = self.generator.encode(x)                                                # once per input
         hbar = self.generator.summarize(feats)
@@ -202,7 +253,6 @@ class CGMLModule(ConditionalModule):
             z = self.guided_latents(feats, z, rows, guide, (b, n), guide_steps, guide_lr)
             if table:
                 z = self.snap_to_table(feats, z, neighbours)
-            steps = steps if guide_settle_steps is None else guide_settle_steps
         z = self.walk(z, hbar, rows, steps, chunk_size)
         return self.decode_rows(feats, z, rows, chunk_size).view(b, n, *self.y_shape)
 
@@ -256,8 +306,8 @@ class CGMLModule(ConditionalModule):
         penalty guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter.
 
         _sample guides the starting points (fresh sphere points, or the drawn table latents, which snap_to_table
-        then puts back onto a branch), before any Z-step, then walks them with Z (guide_settle_steps, default the
-        inference steps). Guiding after the Z-steps instead would start every latent at a mode, where the decoder
+        then puts back onto a branch), before any Z-step, then walks them with Z (`steps`, default the module's
+        sample_steps). Guiding after the Z-steps instead would start every latent at a mode, where the decoder
         is flat in z, and fewer samples reach the constraint (docs/results.md, guided sampling)."""
         feats = repeat_feats(feats, rows)
         penalty = lambda z_: guide(self.generator.decode(feats, z_).view(*bn, *self.y_shape))  # noqa: E731

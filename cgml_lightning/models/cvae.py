@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cgml_lightning.modules.base import ConditionalModule
-from cgml_lightning.modules.gaussian import kl_to_prior, reparameterise, sample_from_prior, split_gaussian
+from cgml_lightning.models.base import ConditionalModule
+from cgml_lightning.models.gaussian import kl_to_prior, reparameterise, sample_from_prior, split_gaussian
 from cgml_lightning.nets import build_encoder
 from cgml_lightning.nets.layers import init_weights, mlp
 

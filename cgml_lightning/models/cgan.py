@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cgml_lightning.algorithm import project
-from cgml_lightning.modules.base import ConditionalModule
-from cgml_lightning.modules.gaussian import kl_to_prior, reparameterise, sample_from_prior, split_gaussian
+from cgml_lightning.models.base import ConditionalModule
+from cgml_lightning.models.gaussian import kl_to_prior, reparameterise, sample_from_prior, split_gaussian
 from cgml_lightning.nets import build_discriminator, build_encoder
 
 

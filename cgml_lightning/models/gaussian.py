@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from cgml_lightning.algorithm import project
-from cgml_lightning.modules.base import ConditionalModule, sample_rows
+from cgml_lightning.models.base import ConditionalModule, sample_rows
 
 
 def split_gaussian(out: Tensor) -> tuple[Tensor, Tensor]:

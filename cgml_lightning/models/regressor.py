@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import Tensor
 
-from cgml_lightning.modules.base import ConditionalModule
+from cgml_lightning.models.base import ConditionalModule
 
 
 class RegressorModule(ConditionalModule):

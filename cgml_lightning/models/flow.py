@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cgml_lightning import nets
-from cgml_lightning.modules.base import ConditionalModule, in_chunks, sample_rows
+from cgml_lightning.models.base import ConditionalModule, in_chunks, sample_rows
 
 
 def time_embedding(t: Tensor, dim: int, max_freq: float = 1000.0) -> Tensor:
