@@ -1,6 +1,6 @@
 """The benchmark behind cgml-bench: every module side by side on one task.
 
-Each model (cgml, regressor, cvae, cgan, flow) is composed from the train config (experiment=TASK model=NAME: the
+Each model (cgml, regressor, cvae, cgan, flow, cimle) is composed from the train config (experiment=TASK model=NAME: the
 same data and nets) and trained in this process, one after the other, for the same wall-clock budget (Lightning's
 trainer.max_time). A callback copies the weights every few seconds of training; the convergence curve (val best-of-N
 PSNR against training seconds) is evaluated from those copies afterwards, so it costs no training time. Then every

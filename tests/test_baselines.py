@@ -234,3 +234,45 @@ def test_gan_encoded_branch_fits(toy_dm):
     trainer.fit(module, datamodule=toy_dm)
     assert math.isfinite(float(trainer.callback_metrics["train/g_kl"]))
     assert module.sample(toy_dm.grid(3), num_samples=2, seed=0).shape == (3, 2, 3)
+
+
+# ---- conditional IMLE ------------------------------------------------------------------------------------------
+def test_cimle_keeps_the_nearest_of_its_draws_and_regresses_on_it(toy_dm):
+    """A hand-built case: a decoder that outputs z itself, so the nearest draw is the one closest to y; rows not due
+    keep their stored latent; a few training steps lower the loss; samples have the sampling API's shape."""
+    import torch
+
+    from cgml_lightning.models import CIMLEModule
+
+    torch.manual_seed(0)
+    module = CIMLEModule(toy_dm.info(), {"name": "mlp", "width": 16, "depth": 2}, latent_dim=3, num_draws=64,
+                         resample_every=2, distance="l2", distance_region="all")
+    module.generator.decode = lambda feats, z: z                        # output = latent: "nearest" is checkable
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    index = torch.tensor([0, 1])
+    draws_seed = 7
+    z = module.chosen_latents((), y, y, index, torch.Generator().manual_seed(draws_seed))
+    draws = torch.randn(64, 2, 3, generator=torch.Generator().manual_seed(draws_seed))
+    best = ((draws - y) ** 2).sum(-1).argmin(0)
+    assert torch.equal(z, draws[best, torch.arange(2)])
+    assert torch.equal(module.latents[index], z) and module.latents_epoch[index].tolist() == [0, 0]
+    again = module.chosen_latents((), -y, -y, index, torch.Generator().manual_seed(1))   # epoch 0: not due yet
+    assert torch.equal(again, z)
+
+
+def test_cimle_trains_and_samples(toy_dm):
+    import lightning as L
+    import torch
+
+    from cgml_lightning.models import CIMLEModule
+
+    torch.manual_seed(0)
+    module = CIMLEModule(toy_dm.info(), {"name": "mlp", "width": 32, "depth": 2}, latent_dim=4, num_draws=4)
+    before = module.latents.clone()
+    L.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, toy_dm)
+    assert not torch.equal(module.latents, before) and (module.latents_epoch >= 0).any()
+    x = toy_dm.grid(5)
+    samples = module.sample(x, num_samples=3, seed=0)
+    assert samples.shape == (5, 3, *module.y_shape) and samples.std(1).mean() > 0
+    assert torch.equal(samples, module.sample(x, num_samples=3, seed=0))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cgml_lightning.benchmark import goals, load_task
 
-MODELS = ["cgml", "regressor", "cvae", "cgan", "flow"]
+MODELS = ["cgml", "regressor", "cvae", "cgan", "flow", "cimle"]
 REQUIRED = {"psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "fid", "probe_acc", "train_s_per_step",
             "samples_per_s"}
 BUDGET_S = 1.0

@@ -115,6 +115,13 @@ class ConditionalModule(L.LightningModule):
             return contextlib.nullcontext()
         return synced_section(trainer.profiler.profile(f"[{self.module_name}] {name}"), self.device)
 
+    def step_generator(self) -> torch.Generator:
+        """Randomness of one training step, derived from (seed, rank, step): a resumed run draws what the
+        uninterrupted run would have drawn (Lightning restores no RNG state)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = self.trainer.global_step if self._trainer is not None else 0
+        return torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * rank + 7_919 * step) % 2**63)
+
     def probe_features(self, x: Tensor) -> Tensor:
         """Frozen encoder features of inputs x [B, *x_shape]: Tensor[B, generator.feature_dim], the generator's
         summary of its encoding (the U-Net's pooled bottleneck, the MLP's hidden layer); what a linear probe reads."""

@@ -111,13 +111,6 @@ class CGMLModule(ConditionalModule):
         self.nonfinite_streak = 0
 
     # ---- the phases (each touches only its own parameters) --------------------------------------------------
-    def step_generator(self) -> torch.Generator:
-        """Randomness of one training step, derived from (seed, rank, step): a resumed run draws what the
-        uninterrupted run would have drawn (Lightning restores no RNG state)."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
-        return torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * rank + 7_919 * step) % 2**63)
-
     def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor,
                         generator: torch.Generator | None = None) -> Tensor:
         """z_0 per input: the best of M fresh sphere points and the table's warm start (mode-consistent starts)."""
