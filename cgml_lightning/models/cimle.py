@@ -41,10 +41,12 @@ class CIMLEModule(ConditionalModule):
         """The latents [B, d] the batch is regressed on: for rows due (chosen resample_every or more epochs ago),
         the draw of num_draws whose output is nearest y, written back to the table on every rank."""
         hp, epoch = self.hparams, self.current_epoch
-        draws = torch.randn(hp.num_draws, len(y), hp.latent_dim, generator=generator).to(y)        # [m, B, d]
-        fresh = A.select_starts(lambda z: self.distance(self.generator.decode(feats, z), y, x), draws)
         due = (epoch - self.latents_epoch[index]) >= hp.resample_every
-        z = torch.where(due[:, None], fresh, self.latents[index].to(fresh))
+        z = self.latents[index].to(y)
+        if due.any():                                      # m decoder passes only when some row is re-drawn
+            draws = torch.randn(hp.num_draws, len(y), hp.latent_dim, generator=generator).to(y)    # [m, B, d]
+            fresh = A.select_starts(lambda z_: self.distance(self.generator.decode(feats, z_), y, x), draws)
+            z = torch.where(due[:, None], fresh, z)
         rows, kept, epochs = index, z, torch.where(due, epoch, self.latents_epoch[index])
         if self._trainer is not None and self.trainer.world_size > 1:           # every rank holds every row
             rows, kept, epochs = (self.all_gather(t).flatten(0, 1) for t in (rows, kept, epochs))
