@@ -141,14 +141,14 @@ def load_images(files: list[Path], channels: int, size: tuple[int, int], crop: b
 
 
 def load_mask(path: str | Path, size: tuple[int, int], crop: bool = False) -> Tensor:
-    """A completion mask [1, H, W] from a picture where white (> 50% grey) = unknown, black = known."""
+    """A completion mask [1, H, W] from a picture where white (> 50% grey) = hole (to fill), black = visible."""
     path = Path(path).expanduser()
     img = fit_size(open_checked(path, "mask", "L"), path, size, crop, "mask", Image.NEAREST)
     mask = (torch.from_numpy(np.asarray(img, dtype=np.float32)) > 127.5).float()[None]
     if mask.sum() == 0:
-        raise ValueError(f"mask: {path} hides no pixel (white = unknown, black = known); it is all black")
+        raise ValueError(f"mask: {path} hides no pixel (white = hole, black = visible); it is all black")
     if mask.min() == 1:
-        raise ValueError(f"mask: {path} hides every pixel (white = unknown, black = known); nothing is left to "
+        raise ValueError(f"mask: {path} hides every pixel (white = hole, black = visible); nothing is left to "
                          "condition on")
     return mask
 
@@ -196,7 +196,7 @@ def build_inputs(data_info: dict[str, Any], degradation: Degradation, images: Te
 
     images: clean images (degrade=true: the task's degradation makes x, and they are kept as `given`), or
       already degraded ones (degrade=false: a grey photo to colorize, a noisy one to denoise).
-    mask: [1, H, W], 1 = unknown: replaces the task's mask (completion checkpoints only).
+    mask: [1, H, W], 1 = hole: replaces the task's mask (completion checkpoints only).
     """
     x_shape = list(data_info["x_shape"])
     completion = degradation.task == "completion"
@@ -204,7 +204,7 @@ def build_inputs(data_info: dict[str, Any], degradation: Degradation, images: Te
         raise ValueError(f"mask= is for completion checkpoints; this one was trained for task={degradation.task}")
     if completion:
         if mask is None and not degrade:
-            raise ValueError("degrade=false with a completion checkpoint needs mask=FILE (white = unknown): "
+            raise ValueError("degrade=false with a completion checkpoint needs mask=FILE (white = hole): "
                              "the model must know which pixels to fill")
         x_new = apply_mask(images, mask) if mask is not None else degradation.apply(images, seed, STREAM_USER)
         given = images

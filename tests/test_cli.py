@@ -465,7 +465,7 @@ def test_sample_with_a_mask_file_and_a_hint(digits_run, workdir, user_folder):
     from cgml_lightning.runs import load_checkpoint
 
     mask = np.zeros((16, 16), np.uint8)
-    mask[:, 8:] = 255                                                        # white = unknown: the right half
+    mask[:, 8:] = 255                                                        # white = hole: the right half
     mask_file = write_png(workdir / "mask.png", mask)
     hint = np.zeros((8, 8, 2), np.uint8)                                      # grey + alpha
     hint[2:6, 5:7] = (255, 255)                                               # white strokes, opaque, in the hole

@@ -61,7 +61,7 @@ def render_help(name: str) -> str:
 
 def options(group: str) -> list[str]:
     """A group's option names; an option's _128/_256 variants fold into it (the help names them so)."""
-    names = {p.stem for p in (CONF / group).glob("*.yaml")}
+    names = {p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_")}   # _shared: a base, no option
     return sorted({base if (base := re.sub(r"_(128|256)$", "", n)) in names else n for n in names})
 
 

@@ -78,9 +78,9 @@ def workdir(tmp_path_factory) -> Path:
 # ---- 1. exact resume -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def resume_runs(workdir) -> dict[str, Path]:
-    """A deterministic 2-epoch run keeping its per-epoch checkpoints, and the same command resumed from the
-    checkpoint of its first epoch."""
-    common = [*TOY, "seed=7", "trainer.deterministic=true", "trainer.max_epochs=2"]
+    """A deterministic 2-epoch run (with weight averaging) keeping its per-epoch checkpoints, and the same command
+    resumed from the checkpoint of its first epoch."""
+    common = [*TOY, "seed=7", "trainer.deterministic=true", "trainer.max_epochs=2", "model.ema_decay=0.9"]
     runs = {name: workdir / name for name in ("straight", "resumed")}
     run_cli("cgml-train", *common, "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={runs['straight']}",
             cwd=workdir)
@@ -118,6 +118,7 @@ def test_resume_matches_uninterrupted_run(resume_runs):
     assert max_abs_diff({k: v for k, v in first["state_dict"].items() if "latents" not in k},
                         {k: v for k, v in resumed["state_dict"].items() if "latents" not in k}) > 1e-4
     assert_same_state(straight, resumed)
+    assert any(k.startswith("ema.module.generator.") for k in straight["state_dict"])   # the EMA resumed exactly too
 
 
 def test_resume_with_more_epochs_keeps_training(hydra_job, tmp_path):

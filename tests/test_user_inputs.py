@@ -159,7 +159,7 @@ def test_completion_applies_the_task_mask_or_the_users_mask(tmp_path):
     torch.testing.assert_close(inputs.x[:, 0, :4], images[:, 0, :4])
     assert inputs.x[:, 0, 4:].eq(0).all()
     mask_png = np.zeros((16, 16), np.uint8)
-    mask_png[:, :8] = 255                                                            # white = unknown: left half
+    mask_png[:, :8] = 255                                                            # white = hole: left half
     mask = load_mask(save(tmp_path / "mask.png", mask_png), (8, 8))
     assert mask.shape == (1, 8, 8) and mask[0, :, :4].eq(1).all() and mask[0, :, 4:].eq(0).all()
     masked = build_inputs(DIGITS_INFO, deg, images, ["a", "b"], mask=mask)

@@ -53,7 +53,7 @@ def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[s
     if hole is not None:                                        # completion: only hidden pixels can follow a hint
         known = known * hole
         if not known.any():
-            raise ValueError(f"hint: {cfg.hint} has no known pixel inside the hidden region of any input; "
+            raise ValueError(f"hint: {cfg.hint} has no known pixel inside the hole of any input; "
                              "draw the hint where the mask is white")
     return {"guide": hint_guide(hint, known), "hint": hint, "hint_known": known}
 

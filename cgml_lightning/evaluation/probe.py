@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 
 def encoder_features(module, x: Tensor) -> Tensor:
-    """Frozen encoder features of inputs x: [B, F]."""
-    return module.probe_features(x)
+    """Frozen encoder features of inputs x: [B, F] (the averaged weights where the module keeps an EMA)."""
+    with module.averaged_weights():
+        return module.probe_features(x)
 
 
 @torch.no_grad()

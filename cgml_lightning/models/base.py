@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.profilers import PassThroughProfiler
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from cgml_lightning import nets
 from cgml_lightning.algorithm import distance, medoids
@@ -56,6 +57,17 @@ def in_chunks(fn: Callable[[Tensor], Tensor], num_rows: int, chunk_size: int, de
     return torch.cat([fn(chunk) for chunk in torch.arange(num_rows, device=device).split(chunk_size)])
 
 
+def ema_update(decay: float) -> Callable:
+    """AveragedModel's multi_avg_fn for an exponential moving average: averaged <- averaged + (1 - d) (live -
+    averaged) with d = min(decay, (1 + n) / (10 + n)) after n updates, so that the first averages are not held back
+    by the initial weights (short runs on a CPU take a few thousand steps in all)."""
+    def update(averaged: list[Tensor], live: list[Tensor], num_averaged: Tensor) -> None:
+        d = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay).to(averaged[0].dtype)
+        for a, w in zip(averaged, live):
+            a.lerp_(w, 1 - d)
+    return update
+
+
 @contextlib.contextmanager
 def synced_section(section, device: torch.device):
     """`section` (a profiler record) entered and left after the queued GPU work is done."""
@@ -74,17 +86,23 @@ class ConditionalModule(L.LightningModule):
     data_info: {"kind", "x_shape", "y_shape", "num_train_samples", "fingerprint", "mask_channel"?}, from the datamodule.
     net: plain generator config ({"name": "mlp"|"unet", ...}); optimizer/scheduler: `_partial_` factories.
 
+    ema_decay: keep an exponential moving average of the weights of the nets sampling uses (`averaged_nets`) and
+    sample, validate and evaluate with it; None trains and samples with the live weights only.
+
     Hooks a module overrides: build_generator (a net reading other inputs than (x, z)), optimizer_groups (more than
-    one optimizer), probe_features (an encoder reading more than x), guide_error (None where guided sampling works).
+    one optimizer), probe_features (an encoder reading more than x), guide_error (None where guided sampling works),
+    averaged_nets (more nets than the generator at sampling).
     """
 
     module_name: str = ""       # the registry key (model=NAME); stored in checkpoints to pick the class on load
     latent_dim: int = 0
     guide_error: str | None = UNGUIDED  # why sample(guide=...) is refused ({name}: module_name); None: guidable
+    averaged_nets: tuple[str, ...] = ("generator",)     # the nets sampling runs: what ema_decay averages
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 0, distance: str = "l1",
                  distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
-                 val_num_samples: int = 4, compile: bool = False, channels_last: bool = False):
+                 val_num_samples: int = 4, compile: bool = False, channels_last: bool = False,
+                 ema_decay: float | None = None):
         super().__init__()
         # hparams: the arguments of the module's own __init__ (the one calling this), as it received them
         self.save_hyperparameters(frame=inspect.currentframe().f_back)
@@ -99,12 +117,51 @@ class ConditionalModule(L.LightningModule):
             self.generator.decode = compiled(self.generator.decode)
         if distance_region not in ("auto", "all", "hole"):
             raise ValueError(f"model.distance_region must be auto, all or hole; got {distance_region!r}")
-        self.masked = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")
+        self.loss_in_hole = bool(data_info.get("mask_channel")) and distance_region in ("auto", "hole")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"model.ema_decay must be in (0, 1) or null; got {ema_decay}")
+        self.ema: AveragedModel | None = None        # built by configure_model, once every net exists
+        self.averaging = False                       # the averaged weights are in the nets (averaged_weights())
 
     def build_generator(self, net: dict[str, Any]) -> nn.Module:
         """The generator G(x, z) from the plain net config; called once in __init__, after x_shape, y_shape and
         latent_dim are set and before channels_last/compile are applied to what it returns."""
         return nets.build_generator(net, self.x_shape, self.y_shape, self.latent_dim)
+
+    # ---- weight averaging (EMA) ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """The EMA copy of the averaged nets (model.ema_decay), made before a Trainer or load_from_checkpoint restores
+        a state, so that its weights save and resume with the module's. Frozen Parameters, not buffers: DDP neither
+        syncs gradients for them nor re-broadcasts them. Only parameters are averaged; buffers stay the live ones."""
+        decay = self.hparams.get("ema_decay")
+        if decay and self.ema is None:
+            self.ema = AveragedModel(self.nets_to_average(), multi_avg_fn=ema_update(decay), use_buffers=False)
+            self.ema.requires_grad_(False)
+
+    def nets_to_average(self) -> nn.ModuleDict:
+        return nn.ModuleDict({name: getattr(self, name) for name in self.averaged_nets})
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside the block the averaged nets hold the EMA weights (sampling, validation, evaluation, the probe);
+        the live ones are back after it. Nothing without EMA; nested blocks swap once."""
+        if self.ema is None or self.averaging:
+            yield
+            return
+        self.swap_averaged()
+        self.averaging = True
+        try:
+            yield
+        finally:
+            self.swap_averaged()
+            self.averaging = False
+
+    @torch.no_grad()
+    def swap_averaged(self) -> None:
+        for averaged, live in zip(self.ema.module.parameters(), self.nets_to_average().parameters()):
+            held = live.detach().clone()
+            live.copy_(averaged)
+            averaged.copy_(held)
 
     def phase(self, name: str):
         """A section of the training step, recorded by the Trainer's profiler as `[<module>] <name>`
@@ -177,12 +234,14 @@ class ConditionalModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop as soon as an optimizer step has written NaN/Inf into the weights (nothing is saved from that state;
-        the newest checkpoint on disk holds the last finite one)."""
+        the newest checkpoint on disk holds the last finite one); else move the EMA toward the new weights."""
         if not self.all_finite(self.trainable_norm()):
             raise FloatingPointError(
                 f"an optimizer step made the weights NaN/Inf (batch {batch_idx}, step {self.global_step}); no "
                 f"checkpoint was written from that state. Resume from the newest checkpoint with a lower learning "
                 f"rate or model.clip_grad_norm, or run with debug=anomaly to find the op.")
+        if self.ema is not None:
+            self.ema.update_parameters(self.nets_to_average())
 
     def init_weights_from(self, path: str, freeze: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
@@ -190,7 +249,8 @@ class ConditionalModule(L.LightningModule):
         Loads with weights_only=True and never instantiates anything named in the checkpoint."""
         state = read_checkpoint(path)["state_dict"]
         own = self.state_dict()
-        keys = [k for k in own if "latents" not in k and "latent_keys" not in k]      # per-sample tables: data-bound
+        # per-sample tables are data-bound; the EMA restarts from the copied weights
+        keys = [k for k in own if "latents" not in k and "latent_keys" not in k and not k.startswith("ema.")]
         missing = [k for k in keys if k not in state]
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in keys if k in state and state[k].shape != own[k].shape]
@@ -198,6 +258,8 @@ class ConditionalModule(L.LightningModule):
             raise ValueError(f"init_from={path} does not fit this model:\n  "
                              + "\n  ".join([f"{k}: missing in checkpoint" for k in missing[:20]] + wrong[:20]))
         self.load_state_dict({k: state[k] for k in keys}, strict=False)
+        self.ema = None
+        self.configure_model()
         self.freeze_prefixes(freeze)
         return keys
 
@@ -214,16 +276,16 @@ class ConditionalModule(L.LightningModule):
 
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:
-        """The hidden-pixel mask [B, 1, H, W] when the input carries it as its last channel."""
+        """The mask of the hole [B, 1, H, W] (1 = a pixel to fill) when the input carries it as its last channel."""
         return x[:, -1:] if self.data_info.get("mask_channel") else None
 
     def composite(self, out: Tensor, x: Tensor) -> Tensor:
-        """For completion, keep the visible pixels of the input and take only the hole from the generator."""
+        """For completion, keep the input's visible pixels and take only the hole from the generator."""
         hole = self.hole(x)
         return out if hole is None else x[:, :-1] * (1 - hole) + out * hole
 
     def distance(self, pred: Tensor, y: Tensor, x: Tensor) -> Tensor:
-        return distance(pred, y, self.hparams.distance, weight=self.hole(x) if self.masked else None)
+        return distance(pred, y, self.hparams.distance, weight=self.hole(x) if self.loss_in_hole else None)
 
     # ---- optimizers, schedulers and manual steps ------------------------------------------------------------
     def build_optimizer(self, params, cfg: dict | None):
@@ -235,7 +297,7 @@ class ConditionalModule(L.LightningModule):
     def optimizer_groups(self) -> list[tuple[Iterable[nn.Parameter], dict | None]]:
         """(parameters, optimizer config) per optimizer, in the order self.optimizers() returns them. One group under
         automatic optimization; a module stepping by hand (automatic_optimization = False) may have several."""
-        return [(self.parameters(), self.hparams.optimizer)]
+        return [([p for n, p in self.named_parameters() if not n.startswith("ema.")], self.hparams.optimizer)]
 
     def configure_optimizers(self):
         built = [self.build_optimizer(params, cfg) for params, cfg in self.optimizer_groups()]
@@ -290,7 +352,7 @@ class ConditionalModule(L.LightningModule):
         self.eval()
         try:
             x = x.to(self.device)
-            with torch.no_grad():
+            with torch.no_grad(), self.averaged_weights():
                 out = self._sample(x, drawn, steps, guide, generator, **kwargs)
                 out = self.composite(out.flatten(0, 1), x.repeat_interleave(drawn, 0)).view(out.shape)
                 if drawn > num_samples:

@@ -43,9 +43,9 @@ class CGANModule(ConditionalModule):
                  distance: str = "l1", distance_region: str = "auto",
                  optimizer: dict | None = None, discriminator_optimizer: dict | None = None,
                  scheduler: dict | None = None, clip_grad_norm: float | None = None, val_num_samples: int = 4,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
-                         compile=compile, channels_last=channels_last)
+                         compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         self.automatic_optimization = False                     # D and G(+E_z) step in turn
         if latent_dim < 1:
             raise ValueError(f"model.latent_dim must be >= 1 for the cGAN; got {latent_dim}")

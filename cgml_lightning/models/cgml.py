@@ -16,12 +16,12 @@ from cgml_lightning.nets import DynamicsNet
 
 # The z-phase and sampler settings that go together (model.z_phase; an explicit key wins over its preset's value).
 # image: an L1 summed over hundreds of pixels has a gradient of norm ~24 in z, so plain steps of z_lr x gradient
-#   jump across the sphere and Z cannot predict where such paths end: three short unit-gradient steps, one Z-step
+#   jump across the sphere and Z cannot predict where such paths end: three short unit-gradient steps, one dynamics step
 #   at sampling, fresh sphere starts, and twice the baselines' learning rate.
 # vector: unit-gradient steps move z as far where the outputs are tiny as where they are large, so every branch
 #   gets its own region of the sphere; sampling draws the table latents of the training inputs nearest in encoder
 #   features (Z walking uniform starts pulls them between branches).
-# paper: the paper's settings (plain gradient steps, five Z-steps from uniform sphere starts).
+# paper: the paper's settings (plain gradient steps, five dynamics steps from uniform sphere starts).
 Z_PHASES: dict[str, dict[str, Any]] = {
     "image": {"z_steps": 3, "z_lr": 0.05, "z_normalized": True, "start_candidates": 2, "sample_steps": 1,
               "sample_starts": "sphere", "lr": 2e-3},
@@ -64,6 +64,7 @@ class CGMLModule(ConditionalModule):
 
     module_name = "cgml"
     guide_error = None
+    averaged_nets = ("generator", "dynamics")       # Z walks the starts at sampling
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], dynamics_net: dict[str, Any] | None = None,
                  latent_dim: int = 16, z_phase: str = "auto", z_steps: int | None = None, z_lr: float | None = None,
@@ -74,8 +75,8 @@ class CGMLModule(ConditionalModule):
                  lipschitz: dict[str, Any] | None = None, optimizer: dict | None = None,
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
                  clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4,
-                 compile: bool = False, channels_last: bool = False, start_batching: str = "loop",
-                 inference_steps: int | None = None):
+                 compile: bool = False, channels_last: bool = False, ema_decay: float | None = None,
+                 start_batching: str = "loop", inference_steps: int | None = None):
         if inference_steps is not None:               # the name checkpoints before `sample_steps` recorded
             warnings.warn("CGMLModule(inference_steps=...) is now sample_steps=...", FutureWarning, stacklevel=2)
             sample_steps = inference_steps if sample_steps is None else sample_steps
@@ -85,7 +86,7 @@ class CGMLModule(ConditionalModule):
                                     lr=(optimizer or {}).get("lr"))
         optimizer = {**DEFAULT_OPTIMIZER, **(optimizer or {}), "lr": settings.pop("lr")}
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
-                         compile=compile, channels_last=channels_last)
+                         compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         self.hparams.pop("inference_steps", None)
         self.hparams.update(settings, optimizer=optimizer)     # the settings in force, as checkpoints record them
         sample_starts = settings["sample_starts"]
@@ -299,8 +300,8 @@ class CGMLModule(ConditionalModule):
         penalty guide(samples[B, N, ...]) -> scalar; normalized, so the penalty's scale does not matter.
 
         _sample guides the starting points (fresh sphere points, or the drawn table latents, which snap_to_table
-        then puts back onto a branch), before any Z-step, then walks them with Z (`steps`, default the module's
-        sample_steps). Guiding after the Z-steps instead would start every latent at a mode, where the decoder
+        then puts back onto a branch), before any dynamics step, then walks them with Z (`steps`, default the module's
+        sample_steps). Guiding after the dynamics steps instead would start every latent at a mode, where the decoder
         is flat in z, and fewer samples reach the constraint (docs/results.md, guided sampling)."""
         feats = repeat_feats(feats, rows)
         penalty = lambda z_: guide(self.generator.decode(feats, z_).view(*bn, *self.y_shape))  # noqa: E731

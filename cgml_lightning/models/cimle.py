@@ -24,9 +24,9 @@ class CIMLEModule(ConditionalModule):
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], latent_dim: int = 16, num_draws: int = 10,
                  resample_every: int = 1, distance: str = "l1", distance_region: str = "auto",
                  optimizer: dict | None = None, scheduler: dict | None = None, val_num_samples: int = 4,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
-                         compile=compile, channels_last=channels_last)
+                         compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         if num_draws < 1 or resample_every < 1:
             raise ValueError(f"model.num_draws and model.resample_every must be >= 1; got {num_draws} and "
                              f"{resample_every}")

@@ -19,9 +19,9 @@ class CVAEModule(ConditionalModule):
                  kl_warmup_steps: int = 1000, free_bits: float = 0.0, posterior_net: dict[str, Any] | None = None,
                  distance: str = "l1", distance_region: str = "auto", optimizer: dict | None = None,
                  scheduler: dict | None = None, val_num_samples: int = 4,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
-                         compile=compile, channels_last=channels_last)
+                         compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         if latent_dim < 1:
             raise ValueError(f"model.latent_dim must be >= 1 for the cVAE; got {latent_dim}")
         cfg = {"width": 64, "depth": 2, **(posterior_net or {})}

@@ -4,8 +4,8 @@ Training: x0 ~ N(0, I) shaped like y, t ~ U(0, 1), x_t = (1 - t) x0 + t y, regre
 Sampling: integrate dx/dt = v(x_t, t | x) from t = 0 to 1 with Euler or Heun steps.
 The velocity net is the project's generator with input concat(x, x_t) (channels for images, flat for vectors)
 and the time embedding in place of z. Its encoder sees x_t, so it runs once per integration step (not once per x).
-For completion, the known pixels of x_t are put back on their straight path at every step, which keeps x_t
-distributed as in training where the loss (masked to the hole) leaves their velocity unconstrained.
+For completion, the visible pixels of x_t (outside the hole) are put back on their straight path at every step,
+which keeps x_t distributed as in training where the loss (taken in the hole) leaves their velocity unconstrained.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class FlowModule(ConditionalModule):
                  sampler: str = "euler", distance: str = "l2", distance_region: str = "auto",
                  optimizer: dict | None = None, scheduler: dict | None = None, val_num_samples: int = 4,
                  latent_dim: int | None = None,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         """latent_dim is ignored (the flow's noise is shaped like y); it is accepted so experiment configs that set
         model.latent_dim for the latent-variable models compose with model=flow."""
         if time_dim < 2 or time_dim % 2:
@@ -41,7 +41,7 @@ class FlowModule(ConditionalModule):
         if sampler not in ("euler", "heun"):
             raise ValueError(f"model.sampler must be euler or heun; got {sampler!r}")
         super().__init__(data_info, net, time_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
-                         compile=compile, channels_last=channels_last)
+                         compile=compile, channels_last=channels_last, ema_decay=ema_decay)
 
     def build_generator(self, net: dict[str, Any]) -> torch.nn.Module:
         """The velocity net G(concat(x, x_t), t): the generator on the joined input, the time embedding (latent_dim =
@@ -67,8 +67,8 @@ class FlowModule(ConditionalModule):
         """The velocity net's summary of x at t = 0, with x_t at the mean of its noise (zeros)."""
         return super().probe_features(self.velocity_input(x, x.new_zeros(len(x), *self.y_shape)))
 
-    def known(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """For completion: (the visible pixels of y, the hole mask), else None."""
+    def visible(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """For completion: (the input's pixels: y's where visible; the mask of the hole), else None."""
         hole = self.hole(x)
         return None if hole is None else (x[:, :-1], hole)
 
@@ -96,11 +96,12 @@ class FlowModule(ConditionalModule):
 
     def integrate(self, x: Tensor, x0: Tensor, steps: int) -> Tensor:
         """From noise x0 at t = 0 to a sample at t = 1 (Euler or Heun)."""
-        known, dt, x_t = self.known(x), 1.0 / steps, x0
+        given, dt, x_t = self.visible(x), 1.0 / steps, x0
         for i in range(steps):
             t = torch.full((len(x),), i * dt, device=x.device, dtype=x0.dtype)
-            if known is not None:                                                     # known pixels on their path
-                x_t = x_t * known[1] + ((1 - i * dt) * x0 + i * dt * known[0]) * (1 - known[1])
+            if given is not None:                                         # visible pixels on their path
+                pixels, hole = given
+                x_t = x_t * hole + ((1 - i * dt) * x0 + i * dt * pixels) * (1 - hole)
             v = self.velocity(x, x_t, t)
             if self.hparams.sampler == "heun":
                 v = 0.5 * (v + self.velocity(x, x_t + dt * v, t + dt))

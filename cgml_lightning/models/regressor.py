@@ -15,10 +15,10 @@ class RegressorModule(ConditionalModule):
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], distance: str = "l1",
                  distance_region: str = "auto", optimizer: dict | None = None, scheduler: dict | None = None,
                  val_num_samples: int = 4, latent_dim: int = 0,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         # latent_dim is accepted and ignored: experiments set it for every model, and the regressor has no z
         super().__init__(data_info, net, 0, distance, distance_region, optimizer, scheduler, val_num_samples,
-                         compile=compile, channels_last=channels_last)
+                         compile=compile, channels_last=channels_last, ema_decay=ema_decay)
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.generator.encode(x)
