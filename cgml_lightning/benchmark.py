@@ -1,22 +1,25 @@
-"""The benchmark behind cgml-bench: every module side by side on one task.
+"""The benchmark behind cgml-bench: every module side by side on one task, over one or more seeds.
 
-Each model (cgml, regressor, cvae, cgan, flow, cimle) is composed from the train config (experiment=TASK model=NAME: the
-same data and nets) and trained in this process, one after the other, for the same wall-clock budget (Lightning's
-trainer.max_time). A callback copies the weights every few seconds of training; the convergence curve (val best-of-N
-PSNR against training seconds) is evaluated from those copies afterwards, so it costs no training time. Then every
-model is evaluated on the same test inputs (evaluation.evaluate: PSNR, SSIM, diversity, FID, sample class accuracy),
-probed (probe.linear_probe) and timed: train_s_per_step is the median over the same fixed batches, after warm-up;
+Each model (cgml, regressor, cvae, cgan, flow, cimle) is composed from the train config (experiment=TASK model=NAME
+seed=S: the same data and nets) and trained in this process, one after the other, for the same wall-clock budget
+(Lightning's trainer.max_time), once per seed. A callback copies the weights every few seconds of training; the
+convergence curve (val best-of-N PSNR against training seconds) is evaluated from those copies afterwards, so it
+costs no training time. Every model of every seed is evaluated on the same test inputs (evaluation.evaluate: PSNR,
+SSIM, the diversity measures, FID, sample class accuracy) and probed (probe.linear_probe); the models of the first
+seed also give the curve and the timings: train_s_per_step is the median over the same fixed batches, after warm-up;
 samples_per_s one batched sample() call of N samples per input, after warm-up. Only ratios mean much: these
-machines are noisy. The command (cgml_lightning.commands.bench) writes the reports.
+machines are noisy. `seed_summary` folds a model's per-seed results into means and sample standard deviations;
+`goals` judges the means. The command (cgml_lightning.commands.bench) writes the reports.
 """
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -69,25 +72,47 @@ class Snapshots(L.Callback):
 
 
 # ---- training --------------------------------------------------------------------------------------------------
-def train_config(cfg: DictConfig, task: str, model: str, out: Path) -> DictConfig:
-    """cgml-train's config for one model of the bench (Hydra compose: the same groups, experiment and overrides)."""
-    overrides = [f"experiment={task}", f"model={model}", f"seed={cfg.seed}", *TRAIN_OVERRIDES,
-                 f"paths.output_dir='{out / 'models' / model}'", *cfg.overrides]
+def bench_seeds(seeds) -> list[int]:
+    """The bench's `seeds`: a list of distinct ints as given, or an int N for the seeds 0 .. N-1."""
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds: a list of ints or a count N (seeds 0..N-1); got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds={seeds}: a count of seeds must be at least 1")
+        return list(range(seeds))
+    if isinstance(seeds, str) or not isinstance(seeds, Sequence):
+        raise ValueError(f"seeds: a list of ints or a count N (seeds 0..N-1); got {seeds!r}")
+    out = list(seeds)
+    if not out or not all(isinstance(s, int) and not isinstance(s, bool) for s in out):
+        raise ValueError(f"seeds: a non-empty list of ints or a count N (seeds 0..N-1); got {out!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"seeds: each seed once; got {out}")
+    return out
+
+
+def train_config(cfg: DictConfig, task: str, model: str, out: Path, seed: int) -> DictConfig:
+    """cgml-train's config for one model and seed of the bench (Hydra compose: the same groups, experiment and
+    overrides). The training logs go to models/NAME/, and to models/NAME/seed_S/ for the seeds after the first."""
+    folder = out / "models" / model
+    if seed != bench_seeds(cfg.seeds)[0]:
+        folder = folder / f"seed_{seed}"
+    overrides = [f"experiment={task}", f"model={model}", f"seed={seed}", *TRAIN_OVERRIDES,
+                 f"paths.output_dir='{folder}'", *cfg.overrides]
     return compose(config_name="train", overrides=overrides)
 
 
 def load_task(cfg: DictConfig, out: Path) -> tuple[str, Any]:
     """(the task that runs, its datamodule set up): cfg.task, or cfg.fallback_task when the task's data is absent."""
-    task = cfg.task
+    task, seed = cfg.task, bench_seeds(cfg.seeds)[0]
     try:
-        datamodule = build_datamodule(train_config(cfg, task, cfg.models[0], out))
+        datamodule = build_datamodule(train_config(cfg, task, cfg.models[0], out, seed))
     except FileNotFoundError as err:
         if not cfg.fallback_task or cfg.fallback_task == task:
             raise
         log.warning("bench: the data of task=%s is not here, so the bench runs task=%s instead "
                     "(fallback_task=null fails instead):\n%s", task, cfg.fallback_task, err)
         task = cfg.fallback_task
-        datamodule = build_datamodule(train_config(cfg, task, cfg.models[0], out))
+        datamodule = build_datamodule(train_config(cfg, task, cfg.models[0], out, seed))
     if datamodule.kind != "image":
         raise ValueError(f"cgml-bench compares image tasks; task={task} gives {datamodule.kind} data")
     return task, datamodule
@@ -162,36 +187,101 @@ def plot_curves(models: dict[str, dict], path: Path, num_samples: int) -> Path:
     return save_figure(fig, path)
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def seed_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's results of every seed -> {key: mean over the seeds, ..., "std": {key: sample standard deviation
+    over the seeds (0 for one seed)}} for every numeric key. A key that some seed lacks or reports as null gets
+    null mean and std; a value every seed agrees on is kept as it is (counts stay ints). Other keys (names) keep
+    the first seed's value."""
+    out: dict[str, Any] = {}
+    std: dict[str, float | None] = {}
+    keys = list(dict.fromkeys(k for r in results for k in r))
+    for key in keys:
+        values = [r.get(key) for r in results]
+        if not any(is_number(v) for v in values):
+            out[key] = values[0]
+        elif not all(is_number(v) for v in values):
+            out[key], std[key] = None, None
+        elif all(v == values[0] for v in values):
+            out[key], std[key] = values[0], 0.0
+        else:
+            out[key] = statistics.fmean(values)
+            std[key] = statistics.stdev(values)
+    return {**out, "std": std}
+
+
+# what the bench also measures on the live weights of a model trained with model.ema_decay (as live_<key>)
+LIVE_KEYS = ("psnr_best_of_n", "psnr_mean", "diversity", "diversity_features", "fid")
+
+# the goals of cGML against the peers, as bench.md words them
+GOALS = {"psnr": "cGML best-of-N PSNR >= every other model's and >= the regressor's + 1 dB",
+         "fid": "cGML FID <= every other model's (regressor included)",
+         "mean_psnr": "cGML mean PSNR within 1.0 dB of the regressor's (at most 1.0 dB below it)",
+         "diversity": "cGML feature diversity >= the cGAN's and >= cIMLE's"}
+
+
 def goals(models: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
-    """The benchmark's goals: (goal, met or None when a model it needs is missing, the numbers)."""
+    """The benchmark's goals on the models' results (the seed means): (goal, met, or None when unknown: a model it
+    needs is not in the run or a figure is null, the figures)."""
     def get(name: str, key: str):
         return models.get(name, {}).get(key)
 
     def fmt(value, spec: str = ".2f") -> str:
         return "n/a" if value is None else format(value, spec)
 
+    def figures(values: dict[str, Any], spec: str = ".2f") -> str:
+        return ", ".join(f"{n} {fmt(v, spec)}" for n, v in values.items())
+
+    def missing(*names: str) -> str | None:
+        absent = [n for n in names if n not in models]
+        return f"{', '.join(absent)} not in this run" if absent else None
+
     out = []
-    cg = get("cgml", "psnr_best_of_n")
-    peers = {n: r["psnr_best_of_n"] for n, r in models.items() if n != "cgml"}
-    if cg is not None and peers and "regressor" in peers:
-        ok = all(cg >= p for p in peers.values()) and cg >= peers["regressor"] + 1
-        out.append(("cGML best-of-N PSNR >= every peer's and >= the regressor's + 1 dB", ok,
-                    ", ".join(f"{n} {v:.2f}" for n, v in {"cgml": cg, **peers}.items())))
-    fids = {n: get(n, "fid") for n in ("cgml", "cvae", "cgan")}
-    if all(n in models for n in fids):
-        ok = None if None in fids.values() else fids["cgml"] < min(fids["cvae"], fids["cgan"])
-        out.append(("cGML FID lower than cVAE's and cGAN's", ok, ", ".join(f"{n} {fmt(v)}" for n, v in fids.items())))
+    absent = missing("cgml", "regressor")
+    psnr_best = {n: r.get("psnr_best_of_n") for n, r in models.items()}
+    if absent:
+        out.append((GOALS["psnr"], None, absent))
+    else:
+        cg, peers = psnr_best["cgml"], {n: v for n, v in psnr_best.items() if n != "cgml"}
+        ok = None if None in psnr_best.values() else (all(cg >= v for v in peers.values())
+                                                     and cg >= peers["regressor"] + 1)
+        out.append((GOALS["psnr"], ok, figures(psnr_best)))
+    fids = {n: r.get("fid") for n, r in models.items()}
+    if absent:
+        out.append((GOALS["fid"], None, absent))
+    else:
+        ok = None if None in fids.values() else all(fids["cgml"] <= v for v in fids.values())
+        out.append((GOALS["fid"], ok, figures(fids) + ("" if ok is not None else " (FID null: no feature net)")))
+    if absent:
+        out.append((GOALS["mean_psnr"], None, absent))
+    else:
+        means = {n: get(n, "psnr_mean") for n in ("cgml", "regressor")}
+        ok = None if None in means.values() else means["cgml"] >= means["regressor"] - 1.0
+        out.append((GOALS["mean_psnr"], ok, figures(means)))
+    absent_div = missing("cgml", "cgan", "cimle")
+    if absent_div:
+        out.append((GOALS["diversity"], None, absent_div))
+    else:
+        names = ("cgml", "cgan", "cimle")
+        key = "diversity_features" if all(get(n, "diversity_features") is not None for n in names) else "diversity"
+        div = {n: get(n, key) for n in names}
+        ok = None if None in div.values() else div["cgml"] >= max(div["cgan"], div["cimle"])
+        note = "" if key == "diversity_features" else (
+            "; diversity_features is null, so pixel diversity stands in")
+        out.append((GOALS["diversity"], ok, f"{key}: {figures(div, '.4f')}{note}"))
     if "cgml" in models and "regressor" in models:
-        div = get("cgml", "diversity"), get("regressor", "diversity")
-        out.append(("cGML diversity well above the regressor's (by > 0.01 mean pixel L1)", div[0] > div[1] + 0.01,
-                    f"cgml {div[0]:.4f}, regressor {div[1]:.4f}"))
         probe = get("cgml", "probe_acc"), get("regressor", "probe_acc")
         out.append(("cGML probe accuracy >= the regressor's", None if None in probe else probe[0] >= probe[1],
                     f"cgml {fmt(probe[0], '.3f')}, regressor {fmt(probe[1], '.3f')}"))
     if "cgml" in models and "flow" in models:
-        ratio = get("cgml", "samples_per_s") / get("flow", "samples_per_s")
-        out.append(("cGML samples/s >= 10x the flow's (default steps)", ratio >= 10, f"{ratio:.1f}x"))
-    if "cgml" in models and "cgan" in models:
+        speeds = get("cgml", "samples_per_s"), get("flow", "samples_per_s")
+        ratio = None if None in speeds else speeds[0] / speeds[1]
+        out.append(("cGML samples/s >= 10x the flow's (default steps)", None if ratio is None else ratio >= 10,
+                    f"{fmt(ratio, '.1f')}x"))
+    if "cgml" in models and "cgan" in models and get("cgml", "curve") and get("cgan", "curve"):
         target = models["cgan"]["curve"][-1]["psnr_best_of_n"]
         cgan_s = models["cgan"]["curve"][-1]["seconds"]
         reached = next((p["seconds"] for p in models["cgml"]["curve"] if p["psnr_best_of_n"] >= target), None)
@@ -202,39 +292,96 @@ def goals(models: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def protocol(metrics: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The evaluation protocol of a bench run, from one evaluate() result: seeds, inputs and samples, FID's
+    reference and feature net and counts, the feature net of diversity_features, LPIPS (null when it did not run)."""
+    keys = ("num_inputs", "num_samples", "fid_reference", "fid_num_real", "fid_num_fake", "fid_feature_net",
+            "diversity_feature_net", "lpips_net", "lpips_version")
+    return {"seeds": seeds, **{key: metrics.get(key) for key in keys}}
+
+
+def averaging_table(models: dict[str, dict]) -> list[str]:
+    """bench.md's section on weight averaging: each model trained with model.ema_decay, its averaged against its live
+    weights (the live_<key> results of the same run); nothing when no model averaged."""
+    averaged = [name for name, r in models.items() if r.get("live_psnr_best_of_n") is not None]
+    if not averaged:
+        return []
+
+    def pair(r: dict[str, Any], key: str) -> str:
+        spec = ".4f" if "diversity" in key else ".2f"
+        return " / ".join("n/a" if r.get(k) is None else format(r[k], spec) for k in (key, f"live_{key}"))
+
+    return ["## Averaged weights (EMA) against the live ones of the same runs", "",
+            "| model | " + " | ".join(f"{key}: averaged / live" for key in LIVE_KEYS) + " |",
+            "|---|" + "---|" * len(LIVE_KEYS),
+            *[f"| {name} | " + " | ".join(pair(models[name], key) for key in LIVE_KEYS) + " |" for name in averaged],
+            "", "The other tables and the goals use the averaged weights.", ""]
+
+
 def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
-    models, n = report["models"], report["num_samples"]
+    """bench.md: the run, the protocol, the table (mean ± sample std over the seeds when there are several), the
+    pictures and the goals."""
+    models, n, seeds, proto = report["models"], report["num_samples"], report["seeds"], report["protocol"]
     base = models.get("cgml")
+    several = len(seeds) > 1
 
     def cell(value, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    def spread(r: dict[str, Any], key: str, spec: str) -> str:
+        value, std = r.get(key), r.get("std", {}).get(key)
+        if value is None or not several or std is None:
+            return cell(value, spec)
+        return f"{value:{spec}} ± {std:{spec}}"
+
+    seed_text = (f"seed {seeds[0]}" if not several else
+                 f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): every cell of the evaluation is the mean ± the "
+                 "sample standard deviation over the seeds; the training curve, timings and pictures are of the "
+                 f"first seed ({seeds[0]})")
+    fid_net, div_net = proto.get("fid_feature_net"), proto.get("diversity_feature_net")
+    fid_text = ("FID: none (no feature net)" if fid_net is None else
+                f"FID of the {proto['fid_num_fake']} samples against the {proto['fid_num_real']} "
+                f"{proto['fid_reference']} in the FID features above")
+    div_text = ("feature diversity: null (no feature net)" if div_net is None else
+                "feature diversity in the same features" if div_net == fid_net else f"feature diversity in {div_net}")
+    lpips_text = (f"LPIPS diversity through {proto['lpips_net']} (torchmetrics {proto['lpips_version']})"
+                  if proto.get("lpips_net") else "LPIPS diversity: null (the reason is with the evaluation nets)")
     lines = [f"# cgml-bench: {report['task']}", "",
              f"`{report['command']}` (profile {report['profile']}, {report['date']}).", "",
              f"Every model trained for {report['budget_s']:g} s of wall clock on {report['device']} "
-             f"(torch threads: {report['torch_threads']}), with the same data, net "
-             f"({', '.join(f'{k}={v}' for k, v in report['net'].items())}) and seed; metrics on "
+             f"(torch threads: {report['torch_threads']}), with the same data and net "
+             f"({', '.join(f'{k}={v}' for k, v in report['net'].items())}); {seed_text}. Metrics on "
              f"the same {report['num_inputs']} test inputs x N = {n} samples. {report['task_note']}", "",
              f"Evaluation nets: {report['feature_nets']}.", "",
-             f"| model | best-of-{n} PSNR | mean PSNR | best-of-{n} SSIM | diversity | FID | sample class acc | "
-             "probe acc | s/step | s/step / cgml's | samples/s | samples/s / cgml's | batches trained |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Protocol (docs/evaluation.md): {fid_text}; {div_text}; {lpips_text}.", "",
+             f"| model | best-of-{n} PSNR | mean PSNR | best-of-{n} SSIM | diversity | feature diversity | FID | "
+             "sample class acc | probe acc | s/step | s/step / cgml's | samples/s | samples/s / cgml's | "
+             "batches trained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in models.items():
         step_ratio = r["train_s_per_step"] / base["train_s_per_step"] if base else None
         speed_ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
-        lines.append(f"| {name} | {r['psnr_best_of_n']:.2f} | {r['psnr_mean']:.2f} | {r['ssim_best_of_n']:.3f} | "
-                     f"{r['diversity']:.4f} | {cell(r['fid'], '.2f')} | {cell(r.get('sample_class_acc'), '.3f')} | "
-                     f"{cell(r['probe_acc'], '.3f')} | {r['train_s_per_step']:.3f} | {cell(step_ratio, '.2f')} | "
-                     f"{r['samples_per_s']:.0f} | {cell(speed_ratio, '.2f')} | {r['batches_trained']} |")
+        lines.append(f"| {name} | {spread(r, 'psnr_best_of_n', '.2f')} | {spread(r, 'psnr_mean', '.2f')} | "
+                     f"{spread(r, 'ssim_best_of_n', '.3f')} | {spread(r, 'diversity', '.4f')} | "
+                     f"{spread(r, 'diversity_features', '.4f')} | {spread(r, 'fid', '.2f')} | "
+                     f"{spread(r, 'sample_class_acc', '.3f')} | {spread(r, 'probe_acc', '.3f')} | "
+                     f"{r['train_s_per_step']:.3f} | {cell(step_ratio, '.2f')} | {r['samples_per_s']:.0f} | "
+                     f"{cell(speed_ratio, '.2f')} | {spread(r, 'batches_trained', '.1f' if several else '.0f')} |")
     lines += ["", "PSNR in dB on the whole image (completion: visible pixels kept from the input); diversity: mean "
-              "pairwise L1 of the N samples; sample class acc: share of samples the classifier puts in the input's "
+              "pairwise pixel L1 of the N samples; feature diversity: mean pairwise distance of their unit-normalised "
+              "features in FID's feature net; sample class acc: share of samples the classifier puts in the input's "
               "class; probe acc: logistic regression on frozen encoder features; s/step: median over the same "
-              f"{report['timing_batches']} training batches after warm-up.", "",
+              f"{report['timing_batches']} training batches after warm-up"
+              + (", timed on the first seed's models; samples/s likewise." if several else "."), "",
               "## Quality against training time", "", "![val best-of-N PSNR against training seconds](convergence.png)",
               "", "## Samples of every model for the same test inputs", "",
-              "![input | each model's samples | truth](bench_samples.png)", "", "## cGML against the peers", ""]
+              "![input | each model's samples | truth](bench_samples.png)", "", "## cGML against the peers", "",
+              ("On the seed means (the training-time goal on the first seed's curves)." if several else
+               f"On the results of seed {seeds[0]}."), ""]
+    at = lines.index("## cGML against the peers")
+    lines[at:at] = averaging_table(models)
     for goal, ok, detail in goals(models):
-        lines.append(f"- {'n/a' if ok is None else 'met' if ok else 'NOT met'}: {goal} ({detail})")
+        lines.append(f"- {'unknown' if ok is None else 'met' if ok else 'NOT met'}: {goal} ({detail})")
     if phases:
         total = sum(phases.values())
         lines += ["", "## cGML training step, per phase", "",

@@ -85,10 +85,26 @@ def load_checkpoint(ckpt_path: str) -> ConditionalModule:
 
 
 def load_for_inference(cfg: DictConfig):
-    """The checkpoint's module on cfg.device (auto: CUDA where there is one), and the data it was trained on unless
-    cfg.data overrides it."""
-    module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
+    """The checkpoint's module (inference_module) and the data it was trained on unless cfg.data overrides it."""
+    module = inference_module(cfg)
     return module, checkpoint_datamodule(cfg, module)
+
+
+def inference_module(cfg: DictConfig) -> ConditionalModule:
+    """The checkpoint's module on cfg.device (auto: CUDA where there is one); weights=live drops the averaged
+    weights of a model trained with model.ema_decay."""
+    weights = cfg.get("weights", "averaged")
+    if weights not in ("averaged", "live"):
+        raise ValueError(f"weights must be averaged or live; got {weights!r}")
+    module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
+    if weights == "live":
+        module.ema = None
+    return module
+
+
+def weights_in_use(module: ConditionalModule) -> str:
+    """What metrics.json records as `weights`: averaged (the EMA) or live."""
+    return "live" if module.ema is None else "averaged"
 
 
 def inference_device(name: str) -> torch.device:

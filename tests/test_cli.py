@@ -28,7 +28,9 @@ CONF = resources.files("cgml_lightning.conf")
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in (CONF / group).iterdir() if p.name.endswith(".yaml"))
+    """The options a user picks: the group's yaml files but the bases they build on (names starting with _)."""
+    return sorted(p.name[: -len(".yaml")] for p in (CONF / group).iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 # ---- composing configs ---------------------------------------------------------------------------------------
@@ -247,13 +249,17 @@ def run_cli(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.
     return proc
 
 
+NULLABLE_KEYS = {"fid", "diversity_features", "diversity_feature_net", "diversity_lpips"}   # null: no such net
+TEXT_KEYS = {"fid_feature_net", "fid_reference", "diversity_feature_net", "lpips_net", "lpips_version", "weights"}
+
+
 def read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.json"
     assert path.is_file(), f"no metrics.json in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
     metrics = json.loads(path.read_text())
     assert isinstance(metrics, dict)
     for key, value in metrics.items():
-        if key == "fid" and value is None or key == "fid_feature_net":   # null when no feature net
+        if value is None and key in NULLABLE_KEYS or isinstance(value, str) and key in TEXT_KEYS:
             continue
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         assert math.isfinite(value), (key, value)

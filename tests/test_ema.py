@@ -134,3 +134,22 @@ def test_fine_tuning_restarts_the_average_from_the_copied_weights(fitted, toy_dm
     assert int(fresh.ema.n_averaged) == 0
     assert all(torch.equal(a, b) for a, b in zip(live, averaged))
     assert all(torch.equal(a, b) for a, b in zip(live, [p.detach() for p in module.nets_to_average().parameters()]))
+
+
+def test_eval_and_sample_choose_the_weights(fitted, toy_dm):
+    from omegaconf import OmegaConf
+
+    from cgml_lightning.runs import inference_module, weights_in_use
+
+    module, path = fitted
+    cfg = lambda weights: OmegaConf.create({"ckpt_path": str(path), "weights": weights, "device": "cpu"})  # noqa: E731
+    averaged, live = inference_module(cfg("averaged")), inference_module(cfg("live"))
+    assert (weights_in_use(averaged), weights_in_use(live)) == ("averaged", "live")
+    x = toy_dm.grid(4)
+    module.ema, held = None, module.ema
+    try:                                   # weights=live samples as the live nets do
+        assert torch.equal(live.sample(x, num_samples=2, seed=3), module.sample(x, num_samples=2, seed=3))
+    finally:
+        module.ema = held
+    with pytest.raises(ValueError, match="weights must be averaged or live; got 'best'"):
+        inference_module(cfg("best"))

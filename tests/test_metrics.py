@@ -85,7 +85,7 @@ def test_image_metrics_keys_and_best_of_n():
     hole = torch.ones(2, 1, 8, 8)
     out = image_metrics(samples, target, hole=hole)
     assert set(out) == {"psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "psnr_hole_best_of_n",
-                        "psnr_hole_mean"}
+                        "psnr_hole_mean", "diversity_hole"}
     p = psnr(samples, target)
     torch.testing.assert_close(out["psnr_best_of_n"], p.amax(1))
     torch.testing.assert_close(out["psnr_mean"], p.mean(1))
@@ -333,10 +333,14 @@ def test_evaluate_reports_fid_and_sample_class_accuracy(digits_full, eval_nets):
     blank_class = eval_nets.classifier.predict(torch.zeros(1, 1, 8, 8))
     assert blank["sample_class_acc"] == pytest.approx((labels == blank_class).float().mean().item())
     assert truth["classifier_test_acc"] == eval_nets.classifier_test_acc
-    assert truth["fid_feature_net"] == eval_nets.fid_name
+    assert truth["fid_feature_net"] == truth["diversity_feature_net"] == eval_nets.fid_name
+    assert truth["fid_reference"] == "test targets" and (truth["fid_num_real"], truth["fid_num_fake"]) == (n, 3 * n)
+    # the 3 samples of an input are one image: no diversity in pixels, on the hole or in the classifier's features
+    assert truth["diversity"] == truth["diversity_hole"] == truth["diversity_features"] == 0.0
     assert 0 <= truth["fid"] < 0.1 * blank["fid"]                   # the (dimmed) truth repeated 3 times vs all-blank
     plain = evaluate(LookupModule(digits_full), digits_full, num_samples=3, num_inputs=n)
-    assert plain["fid"] is None and "sample_class_acc" not in plain
+    assert plain["fid"] is None and "sample_class_acc" not in plain and "fid_num_real" not in plain
+    assert plain["diversity_features"] is None and plain["diversity_feature_net"] is None
     assert plain["psnr_best_of_n"] == truth["psnr_best_of_n"]
 
 

@@ -1,10 +1,12 @@
-"""cgml-bench [profile=quick|full] [logger=wandb]: every model trained on one task for the same wall clock, then
-evaluated, probed and timed side by side (cgml_lightning.benchmark). Writes bench.json, bench.md, convergence.png
-and bench_samples.png (every model's samples for the same inputs) into the run dir, and gives the table and the
-pictures to the loggers."""
+"""cgml-bench [profile=quick|full] [seeds=[0,1,2]|seeds=3] [logger=wandb]: every model trained on one task for the
+same wall clock, once per seed, then evaluated, probed and timed side by side (cgml_lightning.benchmark). Writes
+bench.json (every seed's results, their means and spreads), bench.md, convergence.png and bench_samples.png (every
+model's samples for the same inputs, first seed) into the run dir, and gives the table and the pictures to the
+loggers."""
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime
 from typing import Any
 
@@ -13,8 +15,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cgml_lightning.benchmark import (convergence_curve, first_batches, first_inputs, load_task, markdown,
-                                      plot_curves, step_timing, train_config, train_model)
+from cgml_lightning.benchmark import (LIVE_KEYS, bench_seeds, convergence_curve, first_batches, first_inputs, load_task,
+                                      markdown, plot_curves, protocol, seed_summary, step_timing, train_config,
+                                      train_model)
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.evaluation.feature_nets import build_eval_nets
 from cgml_lightning.evaluation.probe import linear_probe
@@ -25,8 +28,9 @@ from cgml_lightning.runs import (CONFIG_PATH, build_loggers, is_wandb, log_pictu
 from cgml_lightning.timing import samples_per_second
 
 log = logging.getLogger("cgml_lightning")
-TABLE_KEYS = ("psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "fid", "sample_class_acc", "probe_acc",
-              "train_s_per_step", "samples_per_s", "batches_trained")
+TABLE_KEYS = ("psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "diversity_hole", "diversity_features",
+              "diversity_lpips", "fid", "sample_class_acc", "probe_acc", "train_s_per_step", "samples_per_s",
+              "batches_trained")
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
@@ -53,13 +57,9 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
 
 
 def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
+    seeds = bench_seeds(cfg.seeds)
     task_name, datamodule = load_task(cfg, out)
     task_note = "" if task_name == cfg.task else f"(Ran {task_name}: the data of {cfg.task} was not found.)"
-    configs = {name: train_config(cfg, task_name, name, out) for name in cfg.models}
-    for name, train_cfg in configs.items():
-        if plain(train_cfg.data) != plain(configs[cfg.models[0]].data):
-            raise ValueError(f"overrides: model={name} composes other data than model={cfg.models[0]}; "
-                             "the bench trains every model on the same data")
     datamodule.setup()
     curve_batch = first_inputs(datamodule, "val", prof.curve_num_inputs)
     speed_x = first_inputs(datamodule, "test", prof.speed_inputs)["x"]
@@ -67,50 +67,76 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
     timing_batches = first_batches(datamodule, "train", datamodule.batch_size,
                                    prof.timing_warmup + prof.timing_batches)
 
-    models, results, pictures, nets = {}, {}, {}, None
-    for i, (name, train_cfg) in enumerate(configs.items(), 1):
-        stage = f"bench [{i}/{len(configs)}] model={name}"
-        log.info("%s: training for %g s", stage, prof.budget_s)
-        module, snapshots, device = train_model(train_cfg, datamodule, prof.budget_s, prof.curve_every_s)
-        module.to(device)
-        log.info("%s: convergence curve over %d snapshots", stage, len(snapshots.points))
-        curve = convergence_curve(module, snapshots, curve_batch, prof.curve_num_samples, cfg.seed)
-        log.info("%s: evaluating", stage)
-        if nets is None:                                       # on the device the models train on
-            nets = build_eval_nets(datamodule, **plain(cfg.feature_net), device=device)
-        metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, cfg.seed, nets)
-        pictures[name] = module.sample(picture_batch["x"], prof.picture_samples, seed=cfg.seed).cpu()
-        labelled = getattr(datamodule.splits["train"], "label", None) is not None
-        if labelled:
-            log.info("%s: linear probe", stage)
-        probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, cfg.seed) if labelled else None
-        models[name] = module
-        results[name] = {**metrics, "probe_acc": probe, "train_s": round(curve[-1]["seconds"], 3),
-                         "batches_trained": snapshots.points[-1][1], "curve": curve}
-        log.info("%s: trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", stage,
-                 snapshots.points[-1][1], curve[-1]["seconds"], prof.num_samples, metrics["psnr_best_of_n"],
-                 metrics.get("fid"), probe)
-    phases = None
-    for i, (name, module) in enumerate(models.items(), 1):    # timings last, one model at a time, no training around
-        log.info("bench timing [%d/%d] model=%s", i, len(models), name)
-        results[name]["samples_per_s"] = samples_per_second(module, speed_x, prof.num_samples, prof.speed_repeats)
-        timing = step_timing(module, configs[name], timing_batches, prof.timing_warmup)
-        results[name]["train_s_per_step"] = timing["step_s"]
-        phases = timing["phases_s"] if name == "cgml" else phases
-        log.info("bench timing model=%s: %.3f s/step, %.0f samples/s", name, results[name]["train_s_per_step"],
-                 results[name]["samples_per_s"])
+    per_seed: list[dict[str, Any]] = []
+    curves, timings, pictures, nets, phases, first = {}, {}, {}, None, None, {}
+    for k, seed in enumerate(seeds):
+        configs = {name: train_config(cfg, task_name, name, out, seed) for name in cfg.models}
+        for name, train_cfg in configs.items():
+            if plain(train_cfg.data) != plain(configs[cfg.models[0]].data):
+                raise ValueError(f"overrides: model={name} composes other data than model={cfg.models[0]}; "
+                                 "the bench trains every model on the same data")
+        results: dict[str, dict[str, Any]] = {}
+        models = {}
+        for i, (name, train_cfg) in enumerate(configs.items(), 1):
+            stage = f"bench [{i}/{len(configs)}] model={name}" + (f" seed={seed} [{k + 1}/{len(seeds)}]"
+                                                                  if len(seeds) > 1 else "")
+            log.info("%s: training for %g s", stage, prof.budget_s)
+            every_s = prof.curve_every_s if k == 0 else math.inf      # the curve: first seed only
+            module, snapshots, device = train_model(train_cfg, datamodule, prof.budget_s, every_s)
+            module.to(device)
+            if k == 0:
+                log.info("%s: convergence curve over %d snapshots", stage, len(snapshots.points))
+                curves[name] = convergence_curve(module, snapshots, curve_batch, prof.curve_num_samples, seed)
+            log.info("%s: evaluating", stage)
+            if nets is None:                                       # on the device the models train on
+                nets = build_eval_nets(datamodule, **plain(cfg.feature_net), device=device)
+            metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, seed, nets)
+            if module.ema is not None:       # model.ema_decay: the live weights of the same run too (live_<key>)
+                held, module.ema = module.ema, None
+                live = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, seed, nets)
+                module.ema = held
+                metrics.update({f"live_{key}": live.get(key) for key in LIVE_KEYS})
+            if k == 0:
+                pictures[name] = module.sample(picture_batch["x"], prof.picture_samples, seed=seed).cpu()
+                models[name] = module
+            labelled = getattr(datamodule.splits["train"], "label", None) is not None
+            if labelled:
+                log.info("%s: linear probe", stage)
+            probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, seed) if labelled else None
+            seconds, batches = snapshots.points[-1][:2]
+            results[name] = {**metrics, "probe_acc": probe, "train_s": round(seconds, 3), "batches_trained": batches}
+            log.info("%s: trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", stage, batches,
+                     seconds, prof.num_samples, metrics["psnr_best_of_n"], metrics.get("fid"), probe)
+            del module, snapshots
+        if k == 0:
+            first = {"device": str(next(iter(models.values())).device),
+                     "z_steps": models["cgml"].hparams.z_steps if "cgml" in models else None,
+                     "net": plain(configs[cfg.models[0]].net)}
+            for i, (name, module) in enumerate(models.items(), 1):   # timings after the first seed's training,
+                log.info("bench timing [%d/%d] model=%s", i, len(models), name)   # one model at a time
+                speed = samples_per_second(module, speed_x, prof.num_samples, prof.speed_repeats)
+                timing = step_timing(module, configs[name], timing_batches, prof.timing_warmup)
+                timings[name] = {"train_s_per_step": timing["step_s"], "samples_per_s": speed}
+                phases = timing["phases_s"] if name == "cgml" else phases
+                log.info("bench timing model=%s: %.3f s/step, %.0f samples/s", name, timing["step_s"], speed)
+        models.clear()
+        per_seed.append({"seed": seed, "models": results})
 
+    summary = {name: {**seed_summary([run["models"][name] for run in per_seed]), **timings[name],
+                      "curve": curves[name]} for name in cfg.models}
+    first_result = per_seed[0]["models"][cfg.models[0]]
     hydra_cfg = HydraConfig.get()
-    report = {"task": task_name, "z_steps": models["cgml"].hparams.z_steps if "cgml" in models else None,
-              "models": results, "profile": hydra_cfg.runtime.choices.get("profile"), "budget_s": prof.budget_s,
+    report = {"task": task_name, "z_steps": first["z_steps"], "seeds": seeds, "models": summary,
+              "per_seed": per_seed, "protocol": protocol(first_result, seeds),
+              "profile": hydra_cfg.runtime.choices.get("profile"), "budget_s": prof.budget_s,
               "command": " ".join(["cgml-bench", *hydra_cfg.overrides.task]),
               "date": datetime.now().isoformat("T", "seconds"),
-              "device": str(next(iter(models.values())).device), "torch_threads": torch.get_num_threads(),
-              "net": plain(configs[cfg.models[0]].net), "num_inputs": results[cfg.models[0]]["num_inputs"],
+              "device": first["device"], "torch_threads": torch.get_num_threads(),
+              "net": first["net"], "num_inputs": first_result["num_inputs"],
               "num_samples": prof.num_samples, "feature_nets": nets.describe(), "task_note": task_note,
               "timing_batches": prof.timing_batches}
     write_json(out / "bench.json", report)
-    plot_curves(results, out / "convergence.png", prof.curve_num_samples)
+    plot_curves(summary, out / "convergence.png", prof.curve_num_samples)
     save_image(models_grid(picture_batch["x"], pictures, picture_batch["y"]), out / "bench_samples.png")
     write_text(out / "bench.md", markdown(report, phases))
     log.info("wrote %s", out / "bench.md")

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
 from cgml_lightning.runs import (CONFIG_PATH, build_loggers, load_for_inference, log_results, output_dir, plain,
-                                 run_record, task)
+                                 run_record, task, weights_in_use)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
@@ -20,6 +20,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
             logger.log_hyperparams({**run_record(cfg, module), "checkpoint_module": plain(module.hparams)})
         nets = build_eval_nets(dm, **plain(cfg.feature_net), device=module.device) if cfg.get("feature_net") else None
         metrics = evaluate(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed, nets, cfg.get("sample_pool"))
+        metrics["weights"] = weights_in_use(module)
         write_json(output_dir() / "metrics.json", metrics)
         log_results(loggers, metrics)
     return metrics

@@ -14,7 +14,7 @@ from torch import Tensor
 from cgml_lightning.files import atomic_path, save_image
 from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
-from cgml_lightning.runs import CONFIG_PATH, checkpoint_datamodule, inference_device, load_checkpoint, output_dir
+from cgml_lightning.runs import CONFIG_PATH, checkpoint_datamodule, inference_module, output_dir
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
                                         input_channels, load_hint, load_images, load_mask, task_degradation)
 
@@ -60,7 +60,7 @@ def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[s
 
 def run_sample(cfg: DictConfig) -> Path:
     """samples.png (input | N samples | the image given, or the truth) and samples.pt (x, samples, y, files, hint)."""
-    module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
+    module = inference_module(cfg)
     inputs, dm = sample_inputs(cfg, module)
     out = output_dir()
     kwargs = {k: cfg[k] for k in ("steps", "guide_steps", "guide_lr") if cfg.get(k) is not None}

@@ -15,7 +15,7 @@ from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_resume,
                                  log_picture, log_results, optimized_value, output_dir, resume_path, run_record,
-                                 stop_signal, task)
+                                 stop_signal, task, weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -52,6 +52,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             metrics = evaluate(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)
             metrics["epochs"] = trainer.current_epoch
+            metrics["weights"] = weights_in_use(module)
             write_json(out / "metrics.json", metrics)
             picture = save_samples_png(module, datamodule, out / "samples.png", seed=cfg.eval.seed)
             log_results(loggers, metrics, trainer.global_step)

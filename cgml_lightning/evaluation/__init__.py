@@ -1,31 +1,40 @@
 """Evaluation of trained modules: `evaluate` (here) gives the flat metrics dict written to metrics.json for a
 datamodule's test inputs.
 
-metrics: PSNR, SSIM, diversity, FID and the mode metrics on samples [B, N, ...].
+metrics: PSNR, SSIM, the diversity measures, FID and the mode metrics on samples [B, N, ...].
 feature_nets: the networks evaluation looks through: FID features (Inception-v3 or the dataset classifier's) and
   the dataset classifier behind sample_class_acc.
 probe: linear-probe accuracy on a module's frozen encoder features.
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import closing
 
 import torch
 
 from cgml_lightning.evaluation.feature_nets import EvalNets
-from cgml_lightning.evaluation.metrics import fid_metric, image_metrics, mode_metrics, vector_metrics
+from cgml_lightning.evaluation.metrics import (feature_diversity, fid_metric, image_metrics, lpips_diversity,
+                                               mode_metrics, vector_metrics)
 from cgml_lightning.progress import track
+
+log = logging.getLogger(__name__)
+FID_REFERENCE = "test targets"       # what FID compares the samples with: the clean images of the evaluated inputs
 
 
 @torch.no_grad()
 def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, seed: int = 0,
              nets: EvalNets | None = None, sample_pool: int | None = None) -> dict[str, float | str | None]:
-    """Images: best-of-N / mean PSNR, best-of-N SSIM, diversity (+ on the hole for completion), and `fid` (None
-    without a feature net in `nets`). With the dataset classifier in `nets` and labelled data, also
-    sample_class_acc: the share of samples the classifier puts in their input's true class (a completed shirt
-    stays a shirt), and classifier_test_acc, its accuracy on the real test images (the ceiling).
-    FID compares the num_inputs real test images with their num_inputs x N samples.
+    """Images: best-of-N / mean PSNR, best-of-N SSIM, diversity (mean pairwise pixel L1 of an input's samples;
+    completion adds PSNR and diversity_hole on the hole only), and `fid` (None without a feature net in `nets`).
+    diversity_features: mean pairwise Euclidean distance of the samples' unit-normalised features in FID's feature
+    net (named in diversity_feature_net; both None without one). diversity_lpips: mean pairwise LPIPS where
+    `nets` has an LPIPS distance (with lpips_net and lpips_version), else None and the reason logged.
+    FID compares the num_inputs real test targets (fid_reference) with their num_inputs x N samples; fid_num_real
+    and fid_num_fake count the images fed, fid_feature_net names the net. With the dataset classifier in `nets`
+    and labelled data, also sample_class_acc: the share of samples the classifier puts in their input's true class
+    (a completed shirt stays a shirt), and classifier_test_acc, its accuracy on the real test images (the ceiling).
     Vector data with known modes (the toy): mode_near_fraction, mode_coverage on a grid of num_inputs x N samples.
     Other vector data: best-of-N and mean L2 error, diversity.
     sample_pool: the N samples are the medoids of this many per input (ConditionalModule.sample's pool).
@@ -41,8 +50,10 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     nets = nets or EvalNets()
     fid = fid_metric(nets.fid_features).to(module.device) if image and nets.fid_features is not None else None
     classifier = nets.classifier.to(module.device) if image and nets.classifier is not None else None
+    features = nets.fid_features if fid is not None else None               # on the device with the FID metric
+    lpips = nets.lpips if image else None
     totals: dict[str, float] = {}
-    seen = correct = 0
+    seen = correct = num_real = num_fake = 0
     labelled = False
     loader = datamodule.test_dataloader()
     description = f"evaluate: {num_samples} samples x {num_inputs} inputs" + (
@@ -55,13 +66,19 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
             if fid is not None:
                 fid.update(y.to(flat.device), real=True)
                 fid.update(flat, real=False)
+                num_real, num_fake = num_real + len(y), num_fake + len(flat)
+            on_device = {}
+            if features is not None:
+                on_device["diversity_features"] = feature_diversity(samples, features)
+            if lpips is not None:
+                on_device["diversity_lpips"] = lpips_diversity(samples, lpips)
             labelled = "label" in batch
             if classifier is not None and labelled:
                 truth = batch["label"][: len(x)].to(flat.device).repeat_interleave(num_samples)
                 correct += (classifier.predict(flat) == truth).sum().item()
             samples = samples.cpu()
             per_input = image_metrics(samples, y, hole=module.hole(x)) if image else vector_metrics(samples, y)
-            for key, value in per_input.items():
+            for key, value in {**per_input, **on_device}.items():
                 totals[key] = totals.get(key, 0.0) + value.sum().item()
             seen += len(x)
             if seen >= num_inputs:
@@ -78,7 +95,15 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
             raise ValueError(f"FID needs at least 2 test inputs; got num_inputs={num_inputs} ({seen} evaluated)")
         metrics["fid"] = fid.compute().item() if fid is not None else None
         if fid is not None:
-            metrics["fid_feature_net"] = nets.fid_name
+            metrics.update(fid_feature_net=nets.fid_name, fid_reference=FID_REFERENCE, fid_num_real=num_real,
+                           fid_num_fake=num_fake)
+        metrics.setdefault("diversity_features", None)
+        metrics["diversity_feature_net"] = nets.fid_name if features is not None else None
+        metrics.setdefault("diversity_lpips", None)
+        if lpips is not None:
+            metrics.update(lpips_net=nets.lpips_net, lpips_version=nets.lpips_version)
+        else:
+            log.info("diversity_lpips: null (%s)", nets.lpips_reason or "no LPIPS net in this evaluation")
         if classifier is not None and labelled:
             metrics["sample_class_acc"] = correct / (seen * num_samples)
             metrics["classifier_test_acc"] = nets.classifier_test_acc

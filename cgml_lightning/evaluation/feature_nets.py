@@ -6,16 +6,22 @@ dataset's own training split (deterministic seed) and cached on disk, keyed by t
 classifier's settings; its penultimate layer gives the FID features. Either way the network is named in every
 report, with the classifier's accuracy on the real test images. The same classifier labels the samples for
 `sample_class_acc` (the share of samples it puts in the input's true class).
+
+LPIPS (diversity_lpips) goes through torchmetrics' LearnedPerceptualImagePatchSimilarity only where it can be built
+offline: torchvision installed and the backbone's ImageNet weights already in torch.hub's checkpoints dir (the LPIPS
+heads ship with torchmetrics). Otherwise it is skipped with the reason, before anything could start a download.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,10 @@ log = logging.getLogger(__name__)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 ARCHITECTURE = "cnn-bn-pool7-v1"       # part of the cache key: change it when ImageClassifier changes
 CLASSIFIER_DEFAULTS = {"width": 16, "feature_dim": 64, "steps": 800, "batch_size": 128, "lr": 3e-3, "seed": 0}
+# LPIPS backbones: torchmetrics' net_type -> (torchvision model, its weights enum)
+LPIPS_BACKBONES = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights"),
+                   "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights")}
+LPIPS_MIN_SIDE = 64    # smaller images are resized up to this before LPIPS (the backbones pool them away otherwise)
 
 
 class ImageClassifier(nn.Module):
@@ -202,34 +212,134 @@ def load_or_train_classifier(datamodule, cache_dir: str | Path, device: str | to
     return classifier, {"name": name, "test_acc": test_acc, "path": str(path)}
 
 
+# ---- LPIPS (only from files on disk) ---------------------------------------------------------------------------
+def has_module(name: str) -> bool:
+    """Whether a module can be imported, without importing it."""
+    return importlib.util.find_spec(name) is not None
+
+
+def lpips_head_file(net: str) -> Path:
+    """The LPIPS head weights torchmetrics ships for net (alex, vgg, squeeze)."""
+    spec = importlib.util.find_spec("torchmetrics.functional.image.lpips")
+    return Path(spec.origin).parent / "lpips_models" / f"{net}.pth"
+
+
+def lpips_backbone_file(net: str) -> Path:
+    """Where torchvision caches the backbone's ImageNet weights: torch.hub's checkpoints dir / the file of its URL.
+    Needs torchvision."""
+    import torchvision.models
+
+    model, weights = LPIPS_BACKBONES[net]
+    url = getattr(torchvision.models, weights).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def lpips_unavailable(net: str) -> str | None:
+    """Why LPIPS with backbone net cannot be built offline, or None when every file it needs is on disk."""
+    if not has_module("torchvision"):
+        return f"torchvision is not installed: LPIPS needs its {LPIPS_BACKBONES[net][0]} backbone"
+    head = lpips_head_file(net)
+    if not head.is_file():
+        return f"torchmetrics' LPIPS head {head} is missing"
+    backbone = lpips_backbone_file(net)
+    if not backbone.is_file():
+        return f"no {LPIPS_BACKBONES[net][0]} weights at {backbone} (nothing is downloaded)"
+    return None
+
+
+class LpipsDistance:
+    """LPIPS between paired images: (a, b) [P, C, H, W] in [0, 1], grey or RGB -> [P], through torchmetrics'
+    LearnedPerceptualImagePatchSimilarity (reduction none, inputs in [0, 1]) on chunks of batch_size pairs. Grey
+    images are repeated to RGB; images with a side under LPIPS_MIN_SIDE are resized up (bilinear) first."""
+
+    def __init__(self, metric: nn.Module, batch_size: int = 256):
+        self.metric, self.batch_size = metric, batch_size
+
+    def prepare(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        elif images.shape[1] != 3:
+            raise ValueError(f"LPIPS needs grey or RGB images [P, 1|3, H, W]; got {tuple(images.shape)}")
+        side = min(images.shape[-2:])
+        if side < LPIPS_MIN_SIDE:
+            size = [round(s * LPIPS_MIN_SIDE / side) for s in images.shape[-2:]]
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return images.float().clamp(0, 1)
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        out = []
+        for chunk_a, chunk_b in zip(a.split(self.batch_size), b.split(self.batch_size)):
+            self.metric.update(self.prepare(chunk_a), self.prepare(chunk_b))
+            out.append(self.metric.compute().reshape(-1))
+            self.metric.reset()
+        return torch.cat(out)
+
+
+def build_lpips(net: str | None = "alex",
+                device: str | torch.device | None = None) -> tuple[LpipsDistance | None, dict[str, str]]:
+    """(LpipsDistance on device, {"lpips_net", "lpips_version"}) where LPIPS can be built from files on disk, else
+    (None, {"reason": why not}). net: alex | vgg | squeeze, or None to skip LPIPS. Checks the files before torchmetrics
+    builds anything, so nothing is downloaded."""
+    if net is None:
+        return None, {"reason": "feature_net.lpips_net=null"}
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"feature_net.lpips_net must be one of {sorted(LPIPS_BACKBONES)} or null; got {net!r}")
+    reason = lpips_unavailable(net)
+    if reason is not None:
+        return None, {"reason": reason}
+    import torchmetrics
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    metric = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True)
+    return LpipsDistance(metric.to(device or "cpu")), {"lpips_net": net, "lpips_version": torchmetrics.__version__}
+
+
 @dataclass
 class EvalNets:
-    """What evaluate() needs beyond the samples: the FID feature net (with its name) and the dataset classifier."""
+    """What evaluate() needs beyond the samples: the FID feature net (with its name; diversity_features looks through
+    it too), the dataset classifier and the LPIPS distance (lpips: (a, b) [P, C, H, W] -> [P], with lpips_net and
+    lpips_version; lpips_reason says why there is none)."""
 
     fid_features: nn.Module | None = None
     fid_name: str | None = None
     classifier: ImageClassifier | None = None
     classifier_name: str | None = None
     classifier_test_acc: float | None = None
+    lpips: Callable[[Tensor, Tensor], Tensor] | None = None
+    lpips_net: str | None = None
+    lpips_version: str | None = None
+    lpips_reason: str | None = None
 
     def describe(self) -> str:
         parts = [f"FID features: {self.fid_name}" if self.fid_features is not None else "FID: none (no feature net)"]
         if self.classifier is not None:
             parts.append(f"classifier: {self.classifier_name}, accuracy on the real test images "
                          f"{self.classifier_test_acc:.3f}")
+        if self.lpips is not None:
+            parts.append(f"LPIPS: {self.lpips_net} (torchmetrics {self.lpips_version})")
+        elif self.lpips_reason:
+            parts.append(f"LPIPS: none ({self.lpips_reason})")
         return "; ".join(parts)
 
 
 def build_eval_nets(datamodule, fid: str = "auto", cache_dir: str | Path | None = None,
                     inception_weights_path: str | Path | None = None,
-                    classifier: dict[str, Any] | None = None, device: str | torch.device | None = None) -> EvalNets:
+                    classifier: dict[str, Any] | None = None, device: str | torch.device | None = None,
+                    lpips_net: str | None = "alex") -> EvalNets:
     """fid: auto (Inception where its weights are on disk, else the classifier) | inception | classifier | none.
     The classifier is built whenever the data has class labels (and fid is not none), for sample_class_acc; it
-    trains (or loads) on `device`, the device evaluation runs on (default CPU), and stays there."""
+    trains (or loads) on `device`, the device evaluation runs on (default CPU), and stays there.
+    lpips_net: the LPIPS backbone (alex, vgg, squeeze; null: none) for image data, built only from files on disk
+    (build_lpips), independently of fid."""
     if fid not in ("auto", "inception", "classifier", "none"):
         raise ValueError(f"feature_net.fid must be auto, inception, classifier or none; got {fid!r}")
     nets = EvalNets()
-    if fid == "none" or datamodule.kind != "image":
+    if datamodule.kind != "image":
+        return nets
+    nets.lpips, info = build_lpips(lpips_net, device)
+    nets.lpips_net, nets.lpips_version, nets.lpips_reason = (info.get("lpips_net"), info.get("lpips_version"),
+                                                             info.get("reason"))
+    if fid == "none":
         return nets
     if has_labels(datamodule):
         if cache_dir is None:
