@@ -54,6 +54,7 @@ class Snapshots(L.Callback):
 
     def take(self, module: L.LightningModule) -> None:
         elapsed = time.perf_counter() - self.start
+        module.update_average()              # a snapshot inside a batch holds that batch's average too
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         self.points.append((elapsed, self.batches, state))
 
@@ -93,6 +94,9 @@ def bench_seeds(seeds) -> list[int]:
 def train_config(cfg: DictConfig, task: str, model: str, out: Path, seed: int) -> DictConfig:
     """cgml-train's config for one model and seed of the bench (Hydra compose: the same groups, experiment and
     overrides). The training logs go to models/NAME/, and to models/NAME/seed_S/ for the seeds after the first."""
+    if any(str(o).lstrip("+~").startswith("seed=") for o in cfg.overrides):
+        raise ValueError(f"overrides={list(cfg.overrides)}: the bench sets each model's seed from seeds=; "
+                         "pass seeds=[...] instead of seed=")
     folder = out / "models" / model
     if seed != bench_seeds(cfg.seeds)[0]:
         folder = folder / f"seed_{seed}"

@@ -68,9 +68,13 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
         if key in old and old[key] != new.get(key):
             raise ValueError(f"ckpt_path={path} was trained on other data: {key} {old[key]} in the checkpoint vs "
                              f"{new.get(key)} now. Resume on the same data, or fine-tune with init_from={path}.")
-    if saved.get("latent_dim", module.latent_dim) != module.latent_dim:
+    if bool(saved.get("ema_decay")) != bool(module.hparams.get("ema_decay")):
+        raise ValueError(f"ckpt_path={path}: model.ema_decay={saved.get('ema_decay')} in the checkpoint vs "
+                         f"{module.hparams.get('ema_decay')} now; resume with the checkpoint's setting, or fine-tune "
+                         f"with init_from={path} (the average restarts from its weights)")
+    if saved.get("latent_dim") != module.hparams.get("latent_dim"):         # hparams: as each module records it
         raise ValueError(f"ckpt_path={path}: latent_dim {saved.get('latent_dim')} in the checkpoint vs "
-                         f"{module.latent_dim} now")
+                         f"{module.hparams.get('latent_dim')} now")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:
@@ -157,7 +161,8 @@ def build_loggers(cfg: DictConfig) -> list:
 def run_record(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict[str, Any]:
     """What a logger's hyperparameters hold: the composed config, seed, command and overrides, parameter counts."""
     hydra_cfg = HydraConfig.get()
-    record: dict[str, Any] = {"config": plain(cfg), "seed": cfg.get("seed"), "command": hydra_cfg.job.name,
+    seed = cfg.get("seed") if "seed" in cfg else plain(cfg.get("seeds"))          # the bench: its seeds
+    record: dict[str, Any] = {"config": plain(cfg), "seed": seed, "command": hydra_cfg.job.name,
                               "overrides": list(hydra_cfg.overrides.task), "sweep_id": sweep_id()}
     if module is not None:
         params = list(module.parameters())

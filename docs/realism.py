@@ -11,12 +11,14 @@ dynamics steps in --steps:
 
     python docs/realism.py RUN_A/checkpoints/last.ckpt [RUN_B/...] [--num-inputs 500] [--steps 0,1,3]
 
-The data and feature nets are cgml-eval's (the checkpoint's data; the dataset classifier's features for FID and
-feature diversity). Prints a Markdown table.
+The data and feature nets are cgml-eval's: the checkpoint's data, and FID's features (Inception where its weights are
+on disk, else the dataset classifier's), built once for the first checkpoint, so give checkpoints of the same data.
+Prints a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -63,20 +65,19 @@ def main() -> None:
         module = load_checkpoint(path)
         datamodule = checkpoint_datamodule(cfg, module)
         nets = nets or build_eval_nets(datamodule, **plain(cfg.feature_net))
-        averaged = module.ema
-        for weights in ("averaged", "live") if averaged is not None else ("live",):
-            module.ema = averaged if weights == "averaged" else None
-            steps = [int(s) for s in args.steps.split(",")] if module.module_name == "cgml" else [None]
-            for k in steps:
-                if k is not None:
-                    module.hparams.sample_steps = k
-                m = evaluate(module, datamodule, args.num_samples, args.num_inputs, args.seed, nets)
-                d = decomposition(module, datamodule, args.num_samples, args.num_inputs, args.seed)
-                fid, features = ("-" if m.get(key) is None else f"{m[key]:.4g}" for key in ("fid", "diversity_features"))
-                print(f"| {module.module_name} {path} | {weights} | {'-' if k is None else k} | "
-                      f"{m['psnr_best_of_n']:.2f} | {m['psnr_mean']:.2f} | {fid} | {features} | "
-                      f"{d['mse_single']:.5f} | {d['mse_of_mean']:.5f} | {d['spread']:.5f} |", flush=True)
-
+        for weights in ("averaged", "live") if module.ema is not None else ("live",):
+            with module.live_weights() if weights == "live" else contextlib.nullcontext():
+                steps = [int(s) for s in args.steps.split(",")] if module.module_name == "cgml" else [None]
+                for k in steps:
+                    if k is not None:
+                        module.hparams.sample_steps = k
+                    m = evaluate(module, datamodule, args.num_samples, args.num_inputs, args.seed, nets)
+                    d = decomposition(module, datamodule, args.num_samples, args.num_inputs, args.seed)
+                    fid, features = ("-" if m.get(key) is None else f"{m[key]:.4g}"
+                                     for key in ("fid", "diversity_features"))
+                    print(f"| {module.module_name} {path} | {weights} | {'-' if k is None else k} | "
+                          f"{m['psnr_best_of_n']:.2f} | {m['psnr_mean']:.2f} | {fid} | {features} | "
+                          f"{d['mse_single']:.5f} | {d['mse_of_mean']:.5f} | {d['spread']:.5f} |", flush=True)
 
 if __name__ == "__main__":
     main()

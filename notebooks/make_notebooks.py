@@ -78,7 +78,7 @@ L.Trainer(max_epochs=3, **QUIET).fit(model, data)"""),
 ## Sample
 
 `model.sample(x, num_samples=N)` returns `[B, N, *y.shape]`: every sample starts at its own random point on the
-sphere and walks `sample_steps` Z-steps. The visible half is kept from the input."""),
+sphere and walks `sample_steps` dynamics steps. The visible half is kept from the input."""),
     ("code", """\
 test = next(iter(data.test_dataloader()))
 x, y = test["x"][:8], test["y"][:8]
@@ -152,7 +152,7 @@ samples hit both modes; `balance`: the rarer mode's share of the hits (0.5 is pe
 
 ## Latent trajectories under Z
 
-At inference each sample starts at a random point on the sphere S⁹ and takes Z-steps
+At inference each sample starts at a random point on the sphere S⁹ and takes dynamics steps
 `z ← normalize(z + ρ (r − z)/‖r − z‖)` with `(r, ρ) = Z(h̄, z)`. Below: 40 starts for the input x = 0.7,
 decoded after every step. The walk carries each start into one of the two modes."""),
     ("code", """\
@@ -182,7 +182,7 @@ for i in range(40):
 left.set_title("z_t (PCA of S⁹), dot = after the last step")
 for k in range(2):
     right.axhline(float(data.modes(torch.tensor([[0.7]]))[0, k, 0]), color="black", lw=1, ls="--")
-right.set_xlabel("Z-step")
+right.set_xlabel("dynamics step")
 right.set_ylabel("decoded y[0]")
 right.set_title("decoded y[0] along the walk; dashed: the true modes")
 plt.show()"""),
@@ -190,7 +190,7 @@ plt.show()"""),
 ## Guided sampling
 
 Any differentiable penalty on the samples can steer them: a few normalized gradient steps on the starting
-points through `G`, then the usual Z-steps carry them onto a learned mode. Here the guide penalises negative
+points through `G`, then the usual dynamics steps carry them onto a learned mode. Here the guide penalises negative
 first coordinates, so the samples should all land on the + branch, and on it, not between the branches."""),
     ("code", """\
 from cgml_lightning.evaluation.metrics import mode_distances, mode_tolerance
@@ -304,7 +304,7 @@ transparency; with an alpha channel, its opaque pixels):
 
 ```bash
 cgml-sample ckpt_path=outputs/fm/checkpoints/last.ckpt input=my_shirt.png hint=my_hint.png num_samples=8
-cgml-sample ckpt_path=outputs/fm/checkpoints/last.ckpt input=my_shirt.png mask=my_mask.png   # white = unknown
+cgml-sample ckpt_path=outputs/fm/checkpoints/last.ckpt input=my_shirt.png mask=my_mask.png   # white = hole
 ```"""),
 ]
 

@@ -8,12 +8,14 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from cgml_lightning.benchmark import LIVE_KEYS, averaging_table, bench_seeds, goals, load_task, seed_summary
+from cgml_lightning.benchmark import (LIVE_KEYS, averaging_table, bench_seeds, goals, load_task, seed_summary,
+                                      train_config)
 
 MODELS = ["cgml", "regressor", "cvae", "cgan", "flow", "cimle"]
 REQUIRED = {"psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "diversity_hole", "diversity_features", "fid",
@@ -139,6 +141,8 @@ def test_profiles_compose(compose_bench):
     assert bench_seeds(compose_bench("seeds=[4,2]").seeds) == [4, 2]
     with pytest.raises(ValueError, match="each seed once"):
         bench_seeds([1, 1])
+    with pytest.raises(ValueError, match="sets each model's seed from seeds=; pass seeds"):   # would collapse them
+        train_config(compose_bench('overrides=["seed=5"]'), "digits_completion", "cgml", Path("out"), 0)
     assert quick.feature_net.lpips_net == "alex"
     assert quick.feature_net.fid == "classifier" and full.feature_net.fid == "auto"
     assert quick.profile.budget_s * len(quick.models) <= 10 * 60 < full.profile.budget_s * len(full.models)

@@ -153,3 +153,62 @@ def test_eval_and_sample_choose_the_weights(fitted, toy_dm):
         module.ema = held
     with pytest.raises(ValueError, match="weights must be averaged or live; got 'best'"):
         inference_module(cfg("best"))
+
+
+def test_live_weights_come_back_when_sampling_raises(fitted, toy_dm):
+    module, _ = fitted
+    live, averaged = live_and_averaged(module)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    module._sample, held = broken, module._sample
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            module.sample(toy_dm.grid(2), num_samples=2)
+    finally:
+        del module._sample
+    after_live, after_averaged = live_and_averaged(module)
+    assert all(torch.equal(a, b) for a, b in zip(live, after_live))
+    assert all(torch.equal(a, b) for a, b in zip(averaged, after_averaged))
+    assert not module.averaging
+
+
+class SaveInsideBatch(L.Callback):
+    """Saves a checkpoint from on_train_batch_end of batch 1 (callbacks run before the module's own hook, as a
+    preemption or an every-n-steps checkpoint does), and records the EMA once batch 1 is over."""
+
+    def __init__(self, path):
+        self.path, self.after_batch_1 = path, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 2:
+            self.after_batch_1 = {k: v.clone() for k, v in module.ema.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["cgml", "regressor"])
+def test_a_checkpoint_saved_inside_a_batch_holds_that_batchs_average(name, toy_dm, tmp_path):
+    L.seed_everything(0)
+    module = MODULES[name](toy_dm.info(), MLP, **SMALL[name], ema_decay=0.5)
+    saver = SaveInsideBatch(tmp_path / "inside.ckpt")
+    trainer(callbacks=[saver]).fit(module, datamodule=toy_dm)
+    saved = torch.load(tmp_path / "inside.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert int(saved["ema.n_averaged"]) == 2 == int(saver.after_batch_1["n_averaged"])
+    for key, value in saver.after_batch_1.items():
+        assert torch.equal(saved[f"ema.{key}"], value), key
+    assert int(module.ema.n_averaged) == BATCHES                 # one update per batch all the same
+
+
+def test_resume_refuses_another_averaging_setting(fitted, toy_dm):
+    from cgml_lightning.runs import check_resume
+
+    module, path = fitted
+    name = module.module_name
+    plain = MODULES[name](toy_dm.info(), MLP, **SMALL[name])
+    with pytest.raises(ValueError, match="ema_decay=0.5 in the checkpoint vs None now.*init_from"):
+        check_resume(str(path), plain)
+    check_resume(str(path), MODULES[name](toy_dm.info(), MLP, **SMALL[name], ema_decay=0.9))   # on both: fine

@@ -87,26 +87,17 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
             if k == 0:
                 log.info("%s: convergence curve over %d snapshots", stage, len(snapshots.points))
                 curves[name] = convergence_curve(module, snapshots, curve_batch, prof.curve_num_samples, seed)
-            log.info("%s: evaluating", stage)
             if nets is None:                                       # on the device the models train on
                 nets = build_eval_nets(datamodule, **plain(cfg.feature_net), device=device)
-            metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, seed, nets)
-            if module.ema is not None:       # model.ema_decay: the live weights of the same run too (live_<key>)
-                held, module.ema = module.ema, None
-                live = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, seed, nets)
-                module.ema = held
-                metrics.update({f"live_{key}": live.get(key) for key in LIVE_KEYS})
+            seconds, batches = snapshots.points[-1][:2]
+            results[name] = {**score(module, datamodule, prof, seed, nets, stage), "train_s": round(seconds, 3),
+                             "batches_trained": batches}
+            log.info("%s: trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", stage, batches,
+                     seconds, prof.num_samples, results[name]["psnr_best_of_n"], results[name].get("fid"),
+                     results[name]["probe_acc"])
             if k == 0:
                 pictures[name] = module.sample(picture_batch["x"], prof.picture_samples, seed=seed).cpu()
                 models[name] = module
-            labelled = getattr(datamodule.splits["train"], "label", None) is not None
-            if labelled:
-                log.info("%s: linear probe", stage)
-            probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, seed) if labelled else None
-            seconds, batches = snapshots.points[-1][:2]
-            results[name] = {**metrics, "probe_acc": probe, "train_s": round(seconds, 3), "batches_trained": batches}
-            log.info("%s: trained %d batches in %.0f s; best-of-%d PSNR %.2f, FID %s, probe %s", stage, batches,
-                     seconds, prof.num_samples, metrics["psnr_best_of_n"], metrics.get("fid"), probe)
             del module, snapshots
         if k == 0:
             first = {"device": str(next(iter(models.values())).device),
@@ -141,6 +132,22 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
     write_text(out / "bench.md", markdown(report, phases))
     log.info("wrote %s", out / "bench.md")
     return report
+
+
+def score(module, datamodule, prof, seed: int, nets, stage: str) -> dict[str, Any]:
+    """One trained model's evaluation (evaluate()), with live_<key> for the live weights of a model that averages
+    them (model.ema_decay), and probe_acc (None without class labels)."""
+    log.info("%s: evaluating", stage)
+    metrics = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, seed, nets)
+    if module.ema is not None:
+        with module.live_weights():
+            live = evaluate(module, datamodule, prof.num_samples, prof.num_inputs, seed, nets)
+        metrics.update({f"live_{key}": live.get(key) for key in LIVE_KEYS})
+    labelled = getattr(datamodule.splits["train"], "label", None) is not None
+    if labelled:
+        log.info("%s: linear probe", stage)
+    probe = linear_probe(module, datamodule, prof.probe_train, prof.probe_test, seed) if labelled else None
+    return {**metrics, "probe_acc": probe}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")

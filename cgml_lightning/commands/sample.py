@@ -50,7 +50,7 @@ def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[s
     channels, height, width = check_image_model(module.data_info, "hint")
     hint, known = load_hint(cfg.hint, channels, (height, width), cfg.crop)
     hole = module.hole(x)
-    if hole is not None:                                        # completion: only hidden pixels can follow a hint
+    if hole is not None:                                        # completion: only the hole can follow a hint
         known = known * hole
         if not known.any():
             raise ValueError(f"hint: {cfg.hint} has no known pixel inside the hole of any input; "

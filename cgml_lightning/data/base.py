@@ -131,7 +131,7 @@ class SplitDataModule(L.LightningDataModule):
     (split name -> Dataset) in setup(). `collate` (None: PyTorch's default) turns a list of items into a batch."""
 
     kind = "vector"
-    mask_channel = False        # True when x's last channel marks the hidden pixels (completion)
+    mask_channel = False        # True when x's last channel marks the hole (completion)
     degradation: Degradation | None = None      # how x is made from y (image data); None: not declared
     collate = None
 

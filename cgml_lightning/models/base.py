@@ -121,6 +121,7 @@ class ConditionalModule(L.LightningModule):
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"model.ema_decay must be in (0, 1) or null; got {ema_decay}")
         self.ema: AveragedModel | None = None        # built by configure_model, once every net exists
+        self.ema_step = -1                           # global_step of the last EMA update (one per optimizer step)
         self.averaging = False                       # the averaged weights are in the nets (averaged_weights())
 
     def build_generator(self, net: dict[str, Any]) -> nn.Module:
@@ -141,27 +142,42 @@ class ConditionalModule(L.LightningModule):
     def nets_to_average(self) -> nn.ModuleDict:
         return nn.ModuleDict({name: getattr(self, name) for name in self.averaged_nets})
 
+    def update_average(self) -> None:
+        """Move the EMA toward the current weights, once per optimizer step (global_step): after every training
+        batch, and before a checkpoint or snapshot taken inside one (callbacks see a batch's end before the
+        module does), so that a saved state never lags the run it came from."""
+        if self.ema is not None and self.global_step != self.ema_step:
+            self.ema.update_parameters(self.nets_to_average())
+            self.ema_step = self.global_step
+
     @contextlib.contextmanager
     def averaged_weights(self):
         """Inside the block the averaged nets hold the EMA weights (sampling, validation, evaluation, the probe);
-        the live ones are back after it. Nothing without EMA; nested blocks swap once."""
+        the live ones are back after it, also when the block raises. Nothing without EMA; nested blocks swap once."""
         if self.ema is None or self.averaging:
             yield
             return
-        self.swap_averaged()
         self.averaging = True
         try:
+            self.swap_averaged()
             yield
         finally:
             self.swap_averaged()
             self.averaging = False
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def live_weights(self):
+        """Inside the block the module samples with its live weights, as if it kept no EMA."""
+        held, self.ema = self.ema, None
+        try:
+            yield
+        finally:
+            self.ema = held
+
     def swap_averaged(self) -> None:
+        """Exchange the averaged and the live values of the averaged nets' parameters: their storage, in O(1)."""
         for averaged, live in zip(self.ema.module.parameters(), self.nets_to_average().parameters()):
-            held = live.detach().clone()
-            live.copy_(averaged)
-            averaged.copy_(held)
+            averaged.data, live.data = live.data, averaged.data
 
     def phase(self, name: str):
         """A section of the training step, recorded by the Trainer's profiler as `[<module>] <name>`
@@ -214,6 +230,9 @@ class ConditionalModule(L.LightningModule):
         """Record the module's name; refuse to write a state with NaN/Inf in it, so no checkpoint on disk (last.ckpt
         included) is ever replaced by a non-finite one."""
         checkpoint["cgml_module"] = self.module_name
+        if self.ema is not None and self._trainer is not None and self.trainer.training:
+            self.update_average()            # saved inside a batch: the average of that batch's weights too
+            checkpoint["state_dict"].update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         bad = [k for k, v in checkpoint["state_dict"].items()       # latent_keys: NaN marks rows not yet written
                if "latent_keys" not in k and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -240,8 +259,7 @@ class ConditionalModule(L.LightningModule):
                 f"an optimizer step made the weights NaN/Inf (batch {batch_idx}, step {self.global_step}); no "
                 f"checkpoint was written from that state. Resume from the newest checkpoint with a lower learning "
                 f"rate or model.clip_grad_norm, or run with debug=anomaly to find the op.")
-        if self.ema is not None:
-            self.ema.update_parameters(self.nets_to_average())
+        self.update_average()
 
     def init_weights_from(self, path: str, freeze: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
