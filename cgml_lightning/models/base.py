@@ -227,8 +227,8 @@ class ConditionalModule(L.LightningModule):
             raise ValueError(f"{checkpoint_path}: does not load into {cls.__name__}: {err}") from err
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the module's name; refuse to write a state with NaN/Inf in it, so no checkpoint on disk (last.ckpt
-        included) is ever replaced by a non-finite one."""
+        """Record the module's name; bring the EMA up to date when saving inside a training batch; refuse to write a
+        state with NaN/Inf in it, so no checkpoint on disk (last.ckpt included) is ever replaced by a non-finite one."""
         checkpoint["cgml_module"] = self.module_name
         if self.ema is not None and self._trainer is not None and self.trainer.training:
             self.update_average()            # saved inside a batch: the average of that batch's weights too
