@@ -162,7 +162,7 @@ def test_live_weights_come_back_when_sampling_raises(fitted, toy_dm):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    module._sample, held = broken, module._sample
+    module._sample = broken                                   # an instance attribute shadows the method
     try:
         with pytest.raises(RuntimeError, match="boom"):
             module.sample(toy_dm.grid(2), num_samples=2)
