@@ -75,6 +75,11 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
     if saved.get("latent_dim") != module.hparams.get("latent_dim"):         # hparams: as each module records it
         raise ValueError(f"ckpt_path={path}: latent_dim {saved.get('latent_dim')} in the checkpoint vs "
                          f"{module.hparams.get('latent_dim')} now")
+    if module.module_name == "cgml" and "z_steps" in saved:
+        was = saved.get("w_steps", 1)                                      # checkpoints before w_steps made one
+        if was != module.hparams.w_steps:
+            raise ValueError(f"ckpt_path={path}: model.w_steps={was} in the checkpoint vs {module.hparams.w_steps} "
+                             f"now; resume with model.w_steps={was}, or fine-tune with init_from={path}")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:

@@ -67,7 +67,8 @@ def step_profile(module, batches: list[dict[str, Tensor]], warmup: int = 1, **tr
     in training) over `batches`, after `warmup` of them; the weights change. Returns step_s (median seconds),
     peak_mb (median peak memory of a step; None where unreadable) and phases_s: the median seconds of each section
     the module records with `phase()` (cGML: encoder, start_selection, z_steps, dynamics_loss, w_loss, backward,
-    update), read from Lightning's SimpleProfiler. trainer_kwargs go to the Trainer (accelerator, precision, ...)."""
+    update, more_w_steps), read from Lightning's SimpleProfiler. trainer_kwargs go to the Trainer (accelerator,
+    precision, ...)."""
     from lightning.pytorch.profilers import SimpleProfiler
     from torch.utils.data import DataLoader
 
@@ -150,9 +151,11 @@ def perf_report(overrides: list[str], baselines: tuple[str, ...] = ("regressor",
     x = batch["x"][:16]
     return {
         "batch_size": len(batch["x"]), "z_steps": k, "start_candidates": cgml.hparams.start_candidates,
-        "threads": torch.get_num_threads(),
+        "w_steps": cgml.hparams.w_steps, "threads": torch.get_num_threads(),
         "train_s_per_step": steps,
         "step_ratio_to_regressor": {n: t / steps["regressor"] for n, t in steps.items()} if "regressor" in steps else {},
+        # seconds per weight update of the generator: a cGML step (one batch) makes w_steps of them
+        "cgml_s_per_w_update": steps["cgml"] / cgml.hparams.w_steps,
         "goal_ratio": 1 + 0.4 * k,
         "peak_step_memory_mb": {name: runs[-1]["peak_mb"] for name, runs in rounds.items()},
         "phases_s": phases,

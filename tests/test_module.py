@@ -169,6 +169,51 @@ def test_fit_unet_updates_latents(digits_dm):
     torch.testing.assert_close(module.latents.detach().norm(dim=1), torch.ones(64))
 
 
+class CountSteps(L.Callback):
+    """How often each optimizer stepped (the generator's first, the dynamics net's second)."""
+    def on_train_start(self, trainer, pl_module):
+        self.counts = [0] * len(trainer.optimizers)
+        for i, optimizer in enumerate(trainer.optimizers):
+            optimizer.register_step_post_hook(lambda *_, i=i: self.counts.__setitem__(i, self.counts[i] + 1))
+
+
+def test_w_steps_update_the_generator_again_at_the_same_latents(digits_dm):
+    """w_steps=2: two generator updates per batch and one dynamics update; after one batch the dynamics net and the
+    latent table equal those of w_steps=1 (the z-phase ran once, on the same weights) and the generator does not."""
+    runs = {}
+    for w_steps in (1, 2):
+        L.seed_everything(0)
+        module = CGMLModule(digits_dm.info(), UNET_NET, **{**SMALL, "w_steps": w_steps})
+        counter = CountSteps()
+        tiny_trainer(max_epochs=1, limit_train_batches=1, callbacks=[counter]).fit(module, datamodule=digits_dm)
+        runs[w_steps] = snapshot(module), counter.counts
+    (one, counts_one), (two, counts_two) = runs[1], runs[2]
+    assert counts_one == [1, 1] and counts_two == [2, 1]
+    for key in one:
+        if key.startswith("generator."):
+            continue
+        assert torch.equal(one[key], two[key]), key
+    assert any(not torch.equal(one[k], two[k]) for k in one if k.startswith("generator."))
+    with pytest.raises(ValueError, match="model.w_steps must be at least 1; got 0"):
+        CGMLModule(digits_dm.info(), UNET_NET, **{**SMALL, "w_steps": 0})
+
+
+def test_resume_refuses_another_w_steps(fitted, toy_dm, tmp_path):
+    """Resuming with another number of w-steps would not continue the same run; a checkpoint from before w_steps
+    existed made one."""
+    from cgml_lightning.runs import check_resume
+
+    _, _, path = fitted
+    with pytest.raises(ValueError, match="model.w_steps=1 in the checkpoint vs 2 now.*init_from"):
+        check_resume(str(path), CGMLModule(toy_dm.info(), MLP_NET, **{**SMALL, "w_steps": 2}))
+    check_resume(str(path), CGMLModule(toy_dm.info(), MLP_NET, **SMALL))
+    old = torch.load(path, map_location="cpu", weights_only=True)
+    del old["hyper_parameters"]["w_steps"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="model.w_steps=1 in the checkpoint vs 2 now"):
+        check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **{**SMALL, "w_steps": 2}))
+
+
 # ---- sampling API --------------------------------------------------------------------------------------------
 def test_sample_shape_and_no_grad(fitted, toy_dm):
     module, _, _ = fitted

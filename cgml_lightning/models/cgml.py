@@ -43,7 +43,7 @@ def z_phase_settings(z_phase: str, kind: str | None, **given: Any) -> dict[str, 
 class CGMLModule(ConditionalModule):
     """cGML: per batch, a z-phase (gradient steps on z alone from mode-consistent starts), a dynamics phase (the dynamics
     net regresses the z-trajectory), the converged z written to the latent table, and a w-phase (encoder + decoder
-    fitted at the converged z). Sampling walks sphere or table starts with Z, optionally guided.
+    fitted at the converged z; w_steps updates). Sampling walks sphere or table starts with Z, optionally guided.
 
     z_phase names the z-phase and sampler settings that go together (Z_PHASES: image, vector, paper; auto picks
     image for image data, vector otherwise); z_steps, z_lr, z_normalized, start_candidates, sample_steps,
@@ -76,7 +76,7 @@ class CGMLModule(ConditionalModule):
                  dynamics_optimizer: dict | None = None, scheduler: dict | None = None,
                  clip_grad_norm: float | None = None, max_nonfinite_batches: int = 10, val_num_samples: int = 4,
                  compile: bool = False, channels_last: bool = False, ema_decay: float | None = None,
-                 start_batching: str = "loop", inference_steps: int | None = None):
+                 start_batching: str = "loop", inference_steps: int | None = None, w_steps: int = 1):
         if inference_steps is not None:               # the name checkpoints before `sample_steps` recorded
             warnings.warn("CGMLModule(inference_steps=...) is now sample_steps=...", FutureWarning, stacklevel=2)
             sample_steps = inference_steps if sample_steps is None else sample_steps
@@ -89,6 +89,8 @@ class CGMLModule(ConditionalModule):
                          compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         self.hparams.pop("inference_steps", None)
         self.hparams.update(settings, optimizer=optimizer)     # the settings in force, as checkpoints record them
+        if w_steps < 1:
+            raise ValueError(f"model.w_steps must be at least 1; got {w_steps}")
         sample_starts = settings["sample_starts"]
         self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
         self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
@@ -203,6 +205,18 @@ class CGMLModule(ConditionalModule):
             self.clip(opt_w)                                                            # encoder + decoder only
             opt_w.step()
             opt_z.step()
+        for _ in range(self.hparams.w_steps - 1):
+            # further w-steps at the same latents: the z-phase's work serves several updates (data echoing); the
+            # encoder runs again, since its weights just moved
+            with self.phase("more_w_steps"):
+                loss = self.generator_phase_loss(self.generator.encode(x), path[-1], y, x)
+                self.zero_grads()
+                self.manual_backward(loss)
+                if not self.all_finite(loss, torch.nn.utils.get_total_norm(
+                        [p.grad for p in self.generator.parameters() if p.grad is not None])):
+                    break
+                self.clip(opt_w)
+                opt_w.step()
         self.nonfinite_streak = 0
         self.log_dict({"train/w_loss": w_loss.detach(), "train/dynamics_loss": dyn_loss.detach()},
                       prog_bar=True, batch_size=len(x))
