@@ -366,16 +366,17 @@ def test_image_presets_compose_and_set_up(tmp_path, no_decoding, experiment, siz
 
 
 @pytest.mark.slow
-def test_exact_resume_with_per_draw_masks(tmp_path):
+@pytest.mark.parametrize("w_steps", [1, 2])
+def test_exact_resume_with_per_draw_masks(tmp_path, w_steps):
     """Two epochs straight and one + a resume from its checkpoint end equal (weights, latent table, optimizers)
-    with fresh masks and crops per draw."""
+    with fresh masks and crops per draw, also with two w-steps per batch."""
     from cgml_lightning.commands.train import run_train
 
     write_images(tmp_path / "imgs", 14, size=(10, 10))
     common = ["experiment=folder_completion", f"data.root={tmp_path / 'imgs'}", "data.image_size=8", "net=unet_small",
               "data.num_workers=1", "data.batch_size=4", "seed=3", "trainer.deterministic=true", "trainer.max_epochs=2",
               "logger=none", "~callbacks.rich_progress_bar", "~callbacks.sample_grid", "eval.num_samples=2",
-              "eval.num_inputs=2", "callbacks.model_checkpoint.save_top_k=-1"]
+              "eval.num_inputs=2", "callbacks.model_checkpoint.save_top_k=-1", f"model.w_steps={w_steps}"]
 
     def job(out: Path, *extra: str) -> Path:
         with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
