@@ -198,6 +198,26 @@ def test_w_steps_update_the_generator_again_at_the_same_latents(digits_dm):
         CGMLModule(digits_dm.info(), UNET_NET, **{**SMALL, "w_steps": 0})
 
 
+def test_nonfinite_extra_w_step_is_skipped(digits_dm):
+    """A NaN loss in a further w-step leaves the weights as the batch's first, finite w-step made them."""
+    states = []
+    for w_steps, poison in ((1, False), (2, True)):
+        L.seed_everything(0)
+        module = CGMLModule(digits_dm.info(), UNET_NET, **{**SMALL, "w_steps": w_steps})
+        calls, loss_of = [], module.generator_phase_loss
+
+        def phase_loss(*args, loss_of=loss_of, calls=calls, poison=poison):
+            calls.append(1)
+            loss = loss_of(*args)
+            return loss * float("nan") if poison and len(calls) == 2 else loss
+
+        module.generator_phase_loss = phase_loss
+        tiny_trainer(max_epochs=1, limit_train_batches=1).fit(module, datamodule=digits_dm)
+        states.append(snapshot(module))
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
 def test_resume_refuses_another_w_steps(fitted, toy_dm, tmp_path):
     """Resuming with another number of w-steps would not continue the same run; a checkpoint from before w_steps
     existed made one."""

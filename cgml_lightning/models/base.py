@@ -251,6 +251,10 @@ class ConditionalModule(L.LightningModule):
         its rows are checked where they are written)."""
         return torch.nn.utils.get_total_norm([p.detach() for p in self.parameters() if p.requires_grad])
 
+    def gradient_norm(self) -> Tensor:
+        """The total 2-norm of the gradients the last backward left (parameters without one are skipped)."""
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop as soon as an optimizer step has written NaN/Inf into the weights (nothing is saved from that state;
         the newest checkpoint on disk holds the last finite one); else move the EMA toward the new weights."""

@@ -197,8 +197,7 @@ class CGMLModule(ConditionalModule):
             # Disjoint parameters and graphs: one backward serves both steps (one gradient sync under DDP).
             self.zero_grads()
             self.manual_backward(w_loss + dyn_loss)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not self.all_finite(w_loss, dyn_loss, path[-1], torch.nn.utils.get_total_norm(grads)):
+        if not self.all_finite(w_loss, dyn_loss, path[-1], self.gradient_norm()):
             return self.skip_nonfinite(batch_idx)
         with self.phase("update"):
             self.write_latents(index, path[-1], hbar if self.hparams.sample_starts == "table" else None)
@@ -212,8 +211,7 @@ class CGMLModule(ConditionalModule):
                 loss = self.generator_phase_loss(self.generator.encode(x), path[-1], y, x)
                 self.zero_grads()
                 self.manual_backward(loss)
-                if not self.all_finite(loss, torch.nn.utils.get_total_norm(
-                        [p.grad for p in self.generator.parameters() if p.grad is not None])):
+                if not self.all_finite(loss, self.gradient_norm()):      # leave the weights as the last finite step did
                     break
                 self.clip(opt_w)
                 opt_w.step()
