@@ -17,6 +17,7 @@ import logging
 import statistics
 import time
 from datetime import timedelta
+from importlib import resources
 from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,17 +92,34 @@ def bench_seeds(seeds) -> list[int]:
     return out
 
 
+def model_overrides(cfg: DictConfig, model: str) -> list[str]:
+    """The bench's `model_overrides` for one model (a list of cgml-train overrides; none when the model has no entry).
+    Every key must name a model config, so that a misspelt name fails instead of silently benching the defaults."""
+    given = cfg.get("model_overrides") or {}
+    known = sorted(f.name.removesuffix(".yaml") for f in resources.files("cgml_lightning.conf").joinpath("model").iterdir()
+                   if f.name.endswith(".yaml") and not f.name.startswith("_"))
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"model_overrides: {unknown} name no model; the models are {known}")
+    entry = given.get(model) or []
+    if isinstance(entry, str):
+        raise ValueError(f"model_overrides.{model}: a list of overrides, e.g. '[model.w_steps=2]'; got {entry!r}")
+    return [str(o) for o in entry]
+
+
 def train_config(cfg: DictConfig, task: str, model: str, out: Path, seed: int) -> DictConfig:
-    """cgml-train's config for one model and seed of the bench (Hydra compose: the same groups, experiment and
-    overrides). The training logs go to models/NAME/, and to models/NAME/seed_S/ for the seeds after the first."""
-    if any(str(o).lstrip("+~").startswith("seed=") for o in cfg.overrides):
-        raise ValueError(f"overrides={list(cfg.overrides)}: the bench sets each model's seed from seeds=; "
+    """cgml-train's config for one model and seed of the bench (Hydra compose: the same groups and experiment, then
+    `overrides` for every model, then the model's own `model_overrides`). The training logs go to models/NAME/, and
+    to models/NAME/seed_S/ for the seeds after the first."""
+    extra = [*cfg.overrides, *model_overrides(cfg, model)]
+    if any(str(o).lstrip("+~").startswith("seed=") for o in extra):
+        raise ValueError(f"overrides={extra}: the bench sets each model's seed from seeds=; "
                          "pass seeds=[...] instead of seed=")
     folder = out / "models" / model
     if seed != bench_seeds(cfg.seeds)[0]:
         folder = folder / f"seed_{seed}"
     overrides = [f"experiment={task}", f"model={model}", f"seed={seed}", *TRAIN_OVERRIDES,
-                 f"paths.output_dir='{folder}'", *cfg.overrides]
+                 f"paths.output_dir='{folder}'", *extra]
     return compose(config_name="train", overrides=overrides)
 
 
@@ -322,6 +340,15 @@ def averaging_table(models: dict[str, dict]) -> list[str]:
             "", "The other tables and the goals use the averaged weights.", ""]
 
 
+def own_settings(overrides: dict[str, list[str]]) -> list[str]:
+    """bench.md's line on the models' own settings (model_overrides), with its blank line; none when all are empty."""
+    given = {name: entry for name, entry in overrides.items() if entry}
+    if not given:
+        return []
+    return ["Each model's own settings (`model_overrides`): "
+            + "; ".join(f"{name}: `{' '.join(entry)}`" for name, entry in given.items()) + ".", ""]
+
+
 def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
     """bench.md: the run, the protocol, the table (mean ± sample std over the seeds when there are several), the
     pictures and the goals."""
@@ -356,6 +383,7 @@ def markdown(report: dict[str, Any], phases: dict[str, float] | None) -> str:
              f"(torch threads: {report['torch_threads']}), with the same data and net "
              f"({', '.join(f'{k}={v}' for k, v in report['net'].items())}); {seed_text}. Metrics on "
              f"the same {report['num_inputs']} test inputs x N = {n} samples. {report['task_note']}", "",
+             *own_settings(report.get("model_overrides") or {}),
              f"Evaluation nets: {report['feature_nets']}.", "",
              f"Protocol (docs/evaluation.md): {fid_text}; {div_text}; {lpips_text}.", "",
              f"| model | best-of-{n} PSNR | mean PSNR | best-of-{n} SSIM | diversity | feature diversity | FID | "

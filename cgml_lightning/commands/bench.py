@@ -16,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cgml_lightning.benchmark import (LIVE_KEYS, bench_seeds, convergence_curve, first_batches, first_inputs, load_task,
-                                      markdown, plot_curves, protocol, seed_summary, step_timing, train_config,
-                                      train_model)
+                                      markdown, model_overrides, plot_curves, protocol, seed_summary, step_timing,
+                                      train_config, train_model)
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.evaluation.feature_nets import build_eval_nets
 from cgml_lightning.evaluation.probe import linear_probe
@@ -121,6 +121,7 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
               "per_seed": per_seed, "protocol": protocol(first_result, seeds),
               "profile": hydra_cfg.runtime.choices.get("profile"), "budget_s": prof.budget_s,
               "command": " ".join(["cgml-bench", *hydra_cfg.overrides.task]),
+              "model_overrides": {name: model_overrides(cfg, name) for name in cfg.models},
               "date": datetime.now().isoformat("T", "seconds"),
               "device": first["device"], "torch_threads": torch.get_num_threads(),
               "net": first["net"], "num_inputs": first_result["num_inputs"],
