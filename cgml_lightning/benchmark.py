@@ -96,14 +96,15 @@ def model_overrides(cfg: DictConfig, model: str) -> list[str]:
     """The bench's `model_overrides` for one model (a list of cgml-train overrides; none when the model has no entry).
     Every key must name a model config, so that a misspelt name fails instead of silently benching the defaults."""
     given = cfg.get("model_overrides") or {}
-    known = sorted(f.name.removesuffix(".yaml") for f in resources.files("cgml_lightning.conf").joinpath("model").iterdir()
-                   if f.name.endswith(".yaml") and not f.name.startswith("_"))
+    files = resources.files("cgml_lightning.conf").joinpath("model").iterdir()
+    known = sorted(f.name[:-len(".yaml")] for f in files if f.name.endswith(".yaml") and not f.name.startswith("_"))
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(f"model_overrides: {unknown} name no model; the models are {known}")
     entry = given.get(model) or []
     if isinstance(entry, str):
-        raise ValueError(f"model_overrides.{model}: a list of overrides, e.g. '[model.w_steps=2]'; got {entry!r}")
+        raise ValueError(f"model_overrides.{model}: a list of overrides, e.g. '[\"model.w_steps=2\"]'; "
+                         f"got {entry!r}")
     return [str(o) for o in entry]
 
 

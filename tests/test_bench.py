@@ -115,9 +115,10 @@ def test_bench_md_table_curves_and_phase_profile(bench_run):
     assert "2 seeds (0, 1)" in text and "On the seed means" in text
     assert "FID of the 36 samples against the 12 test targets in the FID features above" in text
     assert "FID features: cnn-classifier" in text and "feature diversity in the same features" in text
-    assert "Each model's own settings (`model_overrides`): cgml: `model.w_steps=2`." in text
+    assert "Each model's own settings (`model_overrides`): cgml: `model.w_steps=2 model.start_candidates=4`." in text
     report = json.loads((bench_run / "bench.json").read_text())
-    assert report["model_overrides"] == {"cgml": ["model.w_steps=2"], **{name: [] for name in MODELS[1:]}}
+    own = {"cgml": ["model.w_steps=2", "model.start_candidates=4"], **{name: [] for name in MODELS[1:]}}
+    assert report["model_overrides"] == own
     cgml = report["models"]["cgml"]
     row = next(line for line in text.splitlines() if line.startswith("| cgml | "))
     assert f"| {cgml['psnr_best_of_n']:.2f} ± {cgml['std']['psnr_best_of_n']:.2f} |" in row
@@ -155,18 +156,21 @@ def test_model_overrides_reach_their_model_only(compose_bench):
     default = compose_bench()
     cgml = train_config(default, "digits_completion", "cgml", Path("out"), 0)
     regressor = train_config(default, "digits_completion", "regressor", Path("out"), 0)
-    assert cgml.model.w_steps == 2 and "w_steps" not in regressor.model          # the bench's default for cGML
+    assert cgml.model.w_steps == 2 and cgml.model.start_candidates == 4          # the bench's default for cGML
+    assert "w_steps" not in regressor.model
     cfg = compose_bench('model_overrides.cimle=["model.num_draws=3"]', "model_overrides.cgml=[]",
                         'overrides=["model.ema_decay=0.9"]')
     cimle = train_config(cfg, "digits_completion", "cimle", Path("out"), 0)
     cgml = train_config(cfg, "digits_completion", "cgml", Path("out"), 0)
     assert cimle.model.num_draws == 3 and cimle.model.ema_decay == 0.9
-    assert cgml.model.w_steps == 1 and cgml.model.ema_decay == 0.9
+    assert cgml.model.w_steps == 1 and cgml.model.start_candidates is None and cgml.model.ema_decay == 0.9
     with pytest.raises(ValueError, match=r"model_overrides: \['cgmll'\] name no model"):
         train_config(compose_bench('+model_overrides.cgmll=["model.w_steps=2"]'), "digits_completion", "cgml",
                      Path("out"), 0)
     with pytest.raises(ValueError, match="sets each model's seed from seeds="):
         train_config(compose_bench('model_overrides.cgml=["seed=3"]'), "digits_completion", "cgml", Path("out"), 0)
+    with pytest.raises(ValueError, match="model_overrides.cgml: a list of overrides"):
+        train_config(compose_bench("model_overrides.cgml=model.w_steps"), "digits_completion", "cgml", Path("out"), 0)
 
 
 def test_falls_back_to_digits_without_fashion_mnist(compose_bench, tmp_path, monkeypatch, caplog):
