@@ -17,7 +17,6 @@ import logging
 import statistics
 import time
 from datetime import timedelta
-from importlib import resources
 from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +28,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from cgml_lightning.models import MODULES
 from cgml_lightning.runs import build_datamodule, build_module
 from cgml_lightning.files import save_figure
 from cgml_lightning.instantiate import instantiate
@@ -96,11 +96,9 @@ def model_overrides(cfg: DictConfig, model: str) -> list[str]:
     """The bench's `model_overrides` for one model (a list of cgml-train overrides; none when the model has no entry).
     Every key must name a model config, so that a misspelt name fails instead of silently benching the defaults."""
     given = cfg.get("model_overrides") or {}
-    files = resources.files("cgml_lightning.conf").joinpath("model").iterdir()
-    known = sorted(f.name[:-len(".yaml")] for f in files if f.name.endswith(".yaml") and not f.name.startswith("_"))
-    unknown = sorted(set(given) - set(known))
+    unknown = sorted(set(given) - set(MODULES))
     if unknown:
-        raise ValueError(f"model_overrides: {unknown} name no model; the models are {known}")
+        raise ValueError(f"model_overrides: {unknown} name no model; the models are {sorted(MODULES)}")
     entry = given.get(model) or []
     if isinstance(entry, str):
         raise ValueError(f"model_overrides.{model}: a list of overrides, e.g. '[\"model.w_steps=2\"]'; "
