@@ -143,7 +143,7 @@ def test_image_folder_max_images(rgb_tree):
 
 def test_corrupt_files_are_skipped_with_a_warning(rgb_tree):
     """data.check_files=true: a file whose header does not read is dropped at setup; a truncated one (its header
-    reads) is skipped when a worker decodes it, and the next readable row stands in for that draw."""
+    reads) is skipped when a worker decodes it, and a readable row drawn from the draw's seed stands in."""
     junk, truncated = write_corrupt(rgb_tree / "a")
     with pytest.warns(UserWarning, match="skipping 1 unreadable image") as record:
         dm = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0, check_files=True)
@@ -153,7 +153,7 @@ def test_corrupt_files_are_skipped_with_a_warning(rgb_tree):
     row = list(dm.files).index(truncated)                           # train rows = the sorted files here
     with pytest.warns(UserWarning, match=rf"skipping unreadable image {truncated}"):
         item = train[row]
-    assert item["index"] == row + 1                                 # the next row stands in, with its own index
+    assert item["index"] != row and item["index"] == train[row]["index"]  # another row stands in, with its index
     with pytest.warns(UserWarning, match="skipping 1 unreadable image"):
         fresh = make(ImageFolderDataModule, rgb_tree, image_size=8, val_fraction=0.0, test_fraction=0.0,
                      check_files=True)
@@ -182,6 +182,9 @@ def test_empty_folder_names_folder_and_extensions(tmp_path):
 def test_missing_root_names_key_and_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.root: no such folder: .*nowhere"):
         make(ImageFolderDataModule, tmp_path / "nowhere")
+    one = write_images(tmp_path, 1)[0]
+    with pytest.raises(NotADirectoryError, match=rf"data.root: {one} is a file; give the folder"):
+        make(ImageFolderDataModule, one)
     with pytest.raises(ValueError, match="data.root is required"):
         ImageFolderDataModule(root=None).setup()
 
@@ -204,6 +207,55 @@ def test_size_mismatch_without_resize(tmp_path):
 def test_bad_image_folder_options(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ImageFolderDataModule(root=str(tmp_path), **kwargs)
+
+
+def test_hidden_files_and_archive_folders_are_not_images(tmp_path):
+    """macOS's ._ resource forks (and the __MACOSX folder of a zip) carry image extensions but are not images."""
+    write_images(tmp_path, 5)
+    for folder in (tmp_path / "__MACOSX", tmp_path / "@eaDir", tmp_path / ".cache"):
+        write_images(folder, 2)
+    (tmp_path / "._img_0_000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    assert sorted(p.name for p in make(ImageFolderDataModule, tmp_path).files) == [f"img_0_{i:03d}.png" for i in range(5)]
+
+
+def test_small_eval_splits_drop_bad_files_before_training(tmp_path):
+    """Without data.check_files the headers of a small validation or test split are read at setup: a bad file there
+    is dropped with a warning naming it, and a split left with none is an error naming the split, before training
+    rather than at the final evaluation."""
+    write_images(tmp_path, 19, size=(8, 8))
+    (tmp_path / "img_9_bad.png").write_bytes(b"")
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_fraction=0.25, test_fraction=0.25, num_workers=0)
+    with pytest.warns(UserWarning, match=r"(?s)skipping 1 unreadable image.*img_9_bad.png"):
+        dm.setup()
+    assert len(dm.splits["val"]) + len(dm.splits["test"]) == 9 and len(dm.splits["train"]) == 10
+    assert not any("bad" in dm.splits[k].path(i) for k in ("val", "test") for i in range(len(dm.splits[k])))
+    lone = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_fraction=0.05, test_fraction=0.05,
+                                 num_workers=0, split_seed=14)         # a one-image test split: the bad file
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="the test split under .* holds no readable image"):
+        lone.setup()
+
+
+def test_orientation_from_xmp_alone_turns_the_header_size(tmp_path):
+    """A JPEG whose orientation (90 degrees) sits in XMP only: decoding rotates it, so its header size must too."""
+    from cgml_lightning.data.folders import inspect_image, open_image
+
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    Image.fromarray(pixels(0, (40, 20), 3)).save(tmp_path / "turned.jpg", xmp=xmp)
+    assert inspect_image(tmp_path / "turned.jpg") == open_image(tmp_path / "turned.jpg", 3).size == (20, 40)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    """The colours a file keeps under alpha 0 are arbitrary (here red): they are composited onto white."""
+    write_images(tmp_path, 3, size=(8, 8))
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255                                   # red everywhere, visible only in the top half
+    rgba[:4, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "cut.png")
+    dm = make(ImageFolderDataModule, tmp_path, image_size=8, val_fraction=0.0, test_fraction=0.0)
+    y = dm.splits["train"][[p.name for p in dm.files].index("cut.png")]["y"]
+    assert (y[:, :4] == torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]).all()
+    assert (y[:, 5:] == 255).all()
 
 
 def test_too_few_images(tmp_path):
@@ -265,6 +317,29 @@ def test_paired_unmatched_names(tmp_path):
     write_images(tmp_path / "B", 3)
     write_images(tmp_path / "B", 1, seed=7)
     with pytest.raises(ValueError, match=r"same file names .*only in A/: img_0_003; only in B/: img_7_000"):
+        make(PairedFolderDataModule, tmp_path)
+
+
+def test_paired_auto_layout_refuses_folders_it_would_split_in_half(tmp_path):
+    write_images(tmp_path / "cyc" / "trainA", 4)
+    write_images(tmp_path / "cyc" / "trainB", 4)
+    with pytest.raises(ValueError, match=r"subfolders trainA/ and trainB/ look like the two sides .* rename them A/"):
+        make(PairedFolderDataModule, tmp_path / "cyc")
+    write_images(tmp_path / "half" / "A", 4)
+    with pytest.raises(FileNotFoundError, match="holds A/ but no B/"):
+        make(PairedFolderDataModule, tmp_path / "half")
+    write_images(tmp_path / "square", 6, size=(8, 8))
+    with pytest.warns(UserWarning, match=r"img_0_000.png: 8x8 .W x H. is not about twice as wide as high"):
+        make(PairedFolderDataModule, tmp_path / "square")
+    sides = make(PairedFolderDataModule, tmp_path / "square", layout="side_by_side")     # asked for: no warning
+    assert sides.side_by_side
+
+
+def test_paired_name_with_two_extensions_is_an_error(tmp_path):
+    for side in "AB":
+        write_images(tmp_path / side, 4)
+    write_images(tmp_path / "A", 1, ext="jpg")
+    with pytest.raises(ValueError, match=r"img_0_000.jpg and .*img_0_000.png: one name with two extensions in A/"):
         make(PairedFolderDataModule, tmp_path)
 
 

@@ -106,3 +106,28 @@ def test_refuses_pickled_items_and_missing_manifest(converted, tmp_path):
         StreamingDataModule(input_dir=str(tmp_path)).setup()
     with pytest.raises(ValueError, match="data.input_dir is required"):
         StreamingDataModule()
+
+
+@pytest.mark.parametrize("experiment", ["folder_completion", "colorization_128", "paired_translation"])
+def test_image_experiments_train_from_chunks(converted, experiment):
+    """`experiment=... data=streaming data.input_dir=OUT`, as docs/data.md shows: the experiment's data settings
+    (task, masks, size) reach the streaming datamodule, and nothing asks for data.root."""
+    from hydra import compose, initialize_config_module
+
+    from cgml_lightning.instantiate import instantiate
+
+    _, out = converted
+    with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
+        cfg = compose("train", [f"experiment={experiment}", "data=streaming", f"data.input_dir={out}",
+                                "data.num_workers=0", "data.image_size=16", "data.batch_size=4"])
+    dm = instantiate(cfg.data)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["y"].shape == (4, 3, 16, 16) and dm.info()["num_train_samples"] == 10
+    assert batch["x"].shape[1] == {"folder_completion": 4, "colorization_128": 1, "paired_translation": 4}[experiment]
+
+
+def test_input_dir_with_a_tilde_is_the_home_folder(converted, monkeypatch):
+    _, out = converted
+    monkeypatch.setenv("HOME", str(out.parent))
+    stream = StreamingDataModule(input_dir=f"~/{out.name}", batch_size=4, eval_batch_size=4, num_workers=0, **TASK)
+    assert stream.input_dir == str(out) and len(next(iter(stream.train_dataloader()))["y"]) == 4

@@ -1,14 +1,15 @@
 """Image folders with PIL, read lazily: any folder of images becomes any task (data=image_folder), and pix2pix-style
 paired folders become translation (data=paired_folder).
 
-Setup lists the files in sorted order; nothing is opened, so start-up is a directory listing however many files
-there are. The datasets keep relative names in one compact table, never pixels, so memory does not grow with the
+Setup lists the files in sorted order (hidden files and __MACOSX / @eaDir folders left out); only the headers of a
+small validation or test split (at most EVAL_HEADERS_AT_SETUP files) are read, so start-up is a directory listing
+however many files there are. The datasets keep relative names in one compact table, never pixels, so memory does not grow with the
 images; each file's row of the latent table is its sorted position in the training split. DataLoader workers
 decode, resize, crop (randomly, and flip, in training when data.augment asks) and hand over uint8 tensors; the
 collate function turns them into the float batch {"x", "y", "index"} and draws the degradation. A file that cannot
 serve as a sample when a worker reads it (corrupt, animated, fully transparent, smaller than 2x2, an A|B pair that
-does not fit) is skipped with a warning naming it and why: the next readable row stands in for that draw, and no
-other file changes row.
+does not fit) is skipped with a warning naming it and why: a readable row drawn from the draw's own seed stands in
+for that draw, and no other file changes row. Transparent pixels are composited onto white.
 
 data.check_files=true (and data.image_size=null, which needs every file's size) reads every header at setup, in
 threads, instead: unreadable files are then dropped with one warning before rows are assigned, and a file that
@@ -37,9 +38,12 @@ from cgml_lightning.data.degradations import Degradation, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)   # what PIL raises on a bad file
+EVAL_HEADERS_AT_SETUP = 1000     # a val or test split this small has its headers read at setup (well under 1 s)
 HEADER_THREADS = 8              # threads reading image headers at setup (file reads, mostly waiting on the disk)
 AUGMENT_STREAM = 3              # augmentations draw from their own stream of the draw's seed
 EXIF_ORIENTATION = 0x0112
+ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")   # where PIL finds an orientation (EXIF, or XMP alone)
+SYSTEM_FOLDERS = ("__MACOSX", "@eaDir")     # written by archivers and NAS software beside the images
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -51,6 +55,8 @@ def check_root(root: str | Path | None, key: str = "data.root") -> Path:
     if root is None or str(root) in ("", "???"):
         raise ValueError(f"{key} is required: the folder of images (e.g. {key}=/path/to/images)")
     path = Path(root).expanduser()
+    if path.is_file():
+        raise NotADirectoryError(f"{key}: {path.resolve()} is a file; give the folder that holds the images")
     if not path.is_dir():
         raise FileNotFoundError(f"{key}: no such folder: {path.resolve()}")
     return path
@@ -60,7 +66,8 @@ def check_root(root: str | Path | None, key: str = "data.root") -> Path:
 def walk_images(folder: str | Path) -> Iterator[tuple[str, int]]:
     """(relative POSIX name, size in bytes) of each image file under folder, recursively, sorted by path parts
     (the order of sorted Path objects), without building a list of every file first. Symlinked folders are
-    followed once each."""
+    followed once each. Hidden entries (names starting with a dot, such as macOS's ._ resource forks) and the
+    folders archivers and NAS software add (__MACOSX, @eaDir) are not images and are left out."""
     seen: set[str] = set()
 
     def visit(path: str, prefix: str) -> Iterator[tuple[str, int]]:
@@ -71,6 +78,8 @@ def walk_images(folder: str | Path) -> Iterator[tuple[str, int]]:
         with os.scandir(path) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
+            if entry.name.startswith(".") or entry.name in SYSTEM_FOLDERS:
+                continue
             if entry.is_dir():
                 yield from visit(entry.path, f"{prefix}{entry.name}/")
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
@@ -171,7 +180,8 @@ def inspect_image(path: str | Path) -> tuple[int, int]:
         if frames > 1 and img.format != "MPO":          # MPO: a camera JPEG whose first frame is the photograph
             raise ImageDataError(f"{path}: an animated image ({frames} frames); use still images (e.g. save its "
                                  "first frame as PNG)")
-        if "exif" in img.info and img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):   # rotated by 90 degrees
+        tagged = any(key in img.info for key in ORIENTATION_SOURCES)   # else getexif() would decode a PNG
+        if tagged and img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):   # rotated by 90 degrees
             w, h = h, w
         if w < 2 or h < 2:
             raise ImageDataError(f"{path}: {w}x{h} pixels (W x H); images need at least 2x2")
@@ -182,12 +192,15 @@ def inspect_image(path: str | Path) -> tuple[int, int]:
 
 
 def open_image(path: Path, channels: int) -> Image.Image:
-    """Decode fully (so corrupt or truncated files fail here) and convert to L (channels 1) or RGB (channels 3)."""
+    """Decode fully (so corrupt or truncated files fail here) and convert to L (channels 1) or RGB (channels 3).
+    Transparent pixels are composited onto white: the colours a file keeps under alpha 0 are arbitrary."""
     with Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I;16"):             # 16-bit grey: PIL's convert("L") would clip, so rescale
             img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8))
+        if img.mode in ALPHA_MODES or "transparency" in img.info:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
         return img.convert("L" if channels == 1 else "RGB")
 
 
@@ -289,11 +302,11 @@ class ImageFileDataset(Dataset):
 
     def __init__(self, root: str | Path, names: FileTable, keys: np.ndarray, size: tuple[int, int], channels: int,
                  fixed_seed: int = 0, names_b: FileTable | None = None, side_by_side: bool = False,
-                 swap: bool = False, augment: Augment | None = None):
+                 swap: bool = False, augment: Augment | None = None, split: str = "data"):
         self.root, self.names, self.names_b, self.keys = str(root), names, names_b, np.asarray(keys, dtype=np.int64)
         self.size, self.channels, self.fixed_seed = tuple(size), channels, fixed_seed
         self.side_by_side, self.swap, self.augment = side_by_side, swap, augment
-        self.label = None
+        self.label, self.split = None, split
         self.skipped: set[int] = set()                 # rows found unreadable by this copy (one per worker)
 
     def __len__(self) -> int:
@@ -325,18 +338,22 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, key) -> dict[str, Any]:
         row, epoch, seed = draw_key(key)
-        n = len(self)
-        for step in range(n):
-            i = (row + step) % n
-            if i in self.skipped:
-                continue
-            try:
-                return self.load(i, epoch, seed)
-            except UNREADABLE as err:                   # ImageDataError too: the file changed since setup
-                self.skipped.add(i)
-                warnings.warn(f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err}); "
-                              "the next readable image stands in for it", stacklevel=2)
-        raise RuntimeError(f"no readable image left under {self.root}: all {n} file(s) of this split failed to decode")
+        n, i, stand_ins = len(self), row, None
+        while len(self.skipped) < n:
+            if i not in self.skipped:
+                try:
+                    return self.load(i, epoch, seed)
+                except UNREADABLE as err:               # ImageDataError too: the file changed since setup
+                    self.skipped.add(i)
+                    warnings.warn(f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err}); "
+                                  "a readable image drawn at random stands in for it", stacklevel=2)
+            if stand_ins is None:
+                # rows drawn from the draw's own key: the same stand-in on every worker and after a resume, and
+                # a run of unreadable files does not pile its draws onto one neighbour
+                stand_ins = np.random.default_rng([row, 0 if epoch is None else epoch + 1, (seed or 0) % 2**64])
+            i = int(stand_ins.integers(n))
+        raise RuntimeError(f"no readable image left in the {self.split} split under {self.root}: all {n} file(s) "
+                           f"failed to decode, e.g. {self.describe(row)} (see the warnings above)")
 
 
 class ImageBatch:
@@ -396,39 +413,43 @@ class FolderDataModule(SplitDataModule):
         self.setup()
         return FilePaths(check_root(self.root), self.tables[0])
 
-    def inspect(self, root: Path, tables: tuple[FileTable, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """Headers of every sample in threads: (rows kept, their (W, H) [n, 2]); unreadable files are dropped with
-        one warning naming them, any misfit is an ImageDataError naming the file."""
-        n = len(tables[0])
+    def inspect(self, root: Path, tables: tuple[FileTable, ...], rows: np.ndarray | None = None,
+                strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Headers of the samples at rows (default: all) in threads: (the rows kept, their (W, H) [n, 2]).
+        Unreadable files are dropped with one warning naming them; a misfit is an ImageDataError naming the file
+        (strict), or dropped with them (strict=False: the run-time rule)."""
+        rows = np.arange(len(tables[0])) if rows is None else np.asarray(rows, dtype=np.int64)
 
         def check(i: int):
             paths = [os.path.join(root, t.name(i)) for t in tables]
-            sizes = []
-            for p in paths:
-                try:
-                    sizes.append(inspect_image(p))
-                except ImageDataError:
+            try:
+                sizes = []
+                for p in paths:
+                    try:
+                        sizes.append(inspect_image(p))
+                    except ImageDataError:
+                        raise
+                    except UNREADABLE as err:
+                        return f"{p} ({type(err).__name__}: {err})"
+                return self.check_sample(paths, sizes)
+            except ImageDataError as err:
+                if strict:
                     raise
-                except UNREADABLE as err:
-                    return f"{p} ({type(err).__name__}: {err})"
-            return self.check_sample(paths, sizes)
+                return str(err)                              # names the file
 
-        sizes = np.zeros((n, 2), dtype=np.int64)
-        kept = np.zeros(n, dtype=bool)
+        sizes = np.zeros((len(rows), 2), dtype=np.int64)
+        kept = np.zeros(len(rows), dtype=bool)
         bad: list[str] = []
         with ThreadPool(HEADER_THREADS) as pool:
-            for i, result in enumerate(pool.imap(check, range(n), chunksize=64)):
+            for j, result in enumerate(pool.imap(check, rows.tolist(), chunksize=64)):
                 if isinstance(result, str):
                     bad.append(result)
                 else:
-                    kept[i], sizes[i] = True, result
+                    kept[j], sizes[j] = True, result
         if bad:
             shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             warnings.warn(f"skipping {len(bad)} unreadable image(s) under {root}:\n  {shown}", stacklevel=3)
-        if not kept.any():
-            raise ValueError(f"no readable images under {root}: all {n} file(s) failed to decode")
-        rows = np.flatnonzero(kept)
-        return rows, sizes[rows]
+        return rows[kept], sizes[kept]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -437,6 +458,8 @@ class FolderDataModule(SplitDataModule):
         tables = tuple(t.head(self.max_images) for t in self.list_samples(root))
         if self.image_size is None or self.check_files:
             rows, sizes = self.inspect(root, tables)
+            if not len(rows):
+                raise ValueError(f"no readable images under {root}: all {len(tables[0])} file(s) failed to decode")
             tables = tuple(t.take(rows) for t in tables)
         else:
             rows = np.arange(len(tables[0]))
@@ -457,17 +480,27 @@ class FolderDataModule(SplitDataModule):
         parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": np.sort(order[n_val + n_test:])}
         if self.max_train_samples is not None:
             parts["train"] = parts["train"][: self.max_train_samples]
+        if not (self.image_size is None or self.check_files):
+            # small evaluation splits (a fraction of a second of headers) are checked now: a bad file there is
+            # dropped before training, instead of leaving a one-image test split with nothing to evaluate at the end
+            for k in ("val", "test"):
+                if 0 < len(parts[k]) <= EVAL_HEADERS_AT_SETUP:
+                    parts[k] = self.inspect(root, tables, parts[k], strict=False)[0]
+                    if not len(parts[k]):
+                        raise ValueError(f"the {k} split under {root} holds no readable image; add images or "
+                                         f"change data.{k}_fraction")
         h = hashlib.sha256()
         for t in tables:
             t.take(parts["train"]).update_hash(h)
         self.tables, self._fingerprint = tables, h.hexdigest()[:16]
-        self.splits = {k: self.make_dataset(root, rows_, train=k == "train") for k, rows_ in parts.items()}
+        self.splits = {k: self.make_dataset(root, rows_, k) for k, rows_ in parts.items()}
 
-    def make_dataset(self, root: Path, rows: np.ndarray, train: bool) -> ImageFileDataset:
+    def make_dataset(self, root: Path, rows: np.ndarray, split: str) -> ImageFileDataset:
         names = [t.take(rows) for t in self.tables]
         return ImageFileDataset(root, names[0], rows, self.size, self.channels, self.split_seed,
                                 names_b=names[1] if len(names) > 1 else None,
-                                augment=self.augment if train else None, **self.dataset_options())
+                                augment=self.augment if split == "train" else None, split=split,
+                                **self.dataset_options())
 
     def shapes(self) -> tuple[list[int], list[int]]:
         """(x_shape, y_shape), from the sample size and the task: nothing is decoded."""
@@ -530,13 +563,18 @@ class PairedFolderDataModule(FolderDataModule):
         return {"side_by_side": self.side_by_side, "swap": self.direction == "BtoA"}
 
     def list_samples(self, root: Path) -> tuple[FileTable, ...]:
-        folders = (root / "A").is_dir() and (root / "B").is_dir()
-        if self.layout == "folders" and not folders:
+        has_a, has_b = (root / "A").is_dir(), (root / "B").is_dir()
+        if self.layout == "folders" and not (has_a and has_b):
             raise FileNotFoundError(f"data.layout=folders needs subfolders A/ and B/ in {root.resolve()}")
-        self.side_by_side = not (self.layout == "folders" or (self.layout == "auto" and folders))
-        if self.side_by_side:
-            return (image_table(root),)
-        return pair_tables(root)
+        if self.layout == "auto":
+            check_auto_layout(root, has_a, has_b)
+        self.side_by_side = not (self.layout == "folders" or (self.layout == "auto" and has_a and has_b))
+        if not self.side_by_side:
+            return pair_tables(root)
+        table = image_table(root)
+        if self.layout == "auto":
+            warn_if_not_side_by_side(root / table.name(0))
+        return (table,)
 
     def check_sample(self, paths: list[str], sizes: list[tuple[int, int]]) -> tuple[int, int]:
         if self.side_by_side:
@@ -552,12 +590,49 @@ class PairedFolderDataModule(FolderDataModule):
         return aw, ah
 
 
+def check_auto_layout(root: Path, has_a: bool, has_b: bool) -> None:
+    """data.layout=auto reads A/ + B/ as pairs and anything else as A|B images: refuse the folder layouts that would
+    be split in half by mistake (one of A/ and B/ alone; two sides named otherwise, as trainA/ and trainB/)."""
+    if has_a != has_b:
+        raise FileNotFoundError(f"{root.resolve()}: holds {'A/' if has_a else 'B/'} but no {'B/' if has_a else 'A/'}; "
+                                "paired folders need both, with the same file names (data.layout=side_by_side reads "
+                                "every image under data.root as A|B halves instead)")
+    if has_a:
+        return
+    subfolders = {e.name for e in os.scandir(root) if e.is_dir()}
+    for name in sorted(subfolders):
+        if name[-1:] in ("A", "a") and name[:-1] + {"A": "B", "a": "b"}[name[-1]] in subfolders:
+            other = name[:-1] + {"A": "B", "a": "b"}[name[-1]]
+            raise ValueError(f"{root.resolve()}: subfolders {name}/ and {other}/ look like the two sides of a paired "
+                             f"set, but data=paired_folder reads pairs from A/ and B/ (the same file names); rename "
+                             f"them A/ and B/ if their files are pairs, or set data.layout=side_by_side if they hold "
+                             f"A|B images")
+
+
+def warn_if_not_side_by_side(path: Path) -> None:
+    """One header: an A|B image is about twice as wide as high; warn when the first image is not."""
+    try:
+        w, h = inspect_image(path)
+    except UNREADABLE:
+        return                                          # named when a worker skips it
+    if w < 1.5 * h:
+        warnings.warn(f"{path}: {w}x{h} (W x H) is not about twice as wide as high, yet data=paired_folder splits "
+                      "every image under data.root into its left (A) and right (B) halves; for separate A and B "
+                      "files use subfolders A/ and B/", stacklevel=3)
+
+
 def pair_tables(root: Path) -> tuple[FileTable, FileTable]:
     """(A files, B files) matched by relative name without extension, in sorted order of those names; an error
-    listing names found on one side only."""
+    listing names found on one side only, or twice on one side (a.png beside a.jpg)."""
     sides = []
     for s in ("A", "B"):
-        found = {os.path.splitext(name)[0]: (f"{s}/{name}", size) for name, size in walk_images(root / s)}
+        found: dict[str, tuple[str, int]] = {}
+        for name, size in walk_images(root / s):
+            stem = os.path.splitext(name)[0]
+            if stem in found:
+                raise ValueError(f"{root / s / found[stem][0][2:]} and {root / s / name}: one name with two "
+                                 f"extensions in {s}/; pairs are matched by name without extension, so keep one")
+            found[stem] = (f"{s}/{name}", size)
         if not found:
             raise no_images_error(root / s, f"data.root/{s}")
         sides.append(found)

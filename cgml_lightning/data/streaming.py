@@ -186,7 +186,8 @@ class StreamingDataModule(SplitDataModule):
             raise ValueError(f"data.direction must be AtoB or BtoA; got {direction!r}")
         if self.max_train_samples is not None:
             raise ValueError("data=streaming: max_train_samples is not supported (convert with --max-images instead)")
-        self.input_dir, self.channels, self.image_size, self.direction = str(input_dir), channels, image_size, direction
+        input_dir = str(input_dir) if is_remote(str(input_dir)) else str(Path(input_dir).expanduser())
+        self.input_dir, self.channels, self.image_size, self.direction = input_dir, channels, image_size, direction
         self.augment = Augment.parse(augment)
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
         self.storage_options = dict(storage_options or {})
