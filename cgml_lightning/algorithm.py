@@ -112,9 +112,9 @@ def dynamics_targets(path: Tensor, target: str = "next") -> tuple[Tensor, Tensor
 
 
 def dynamics_step(z: Tensor, r: Tensor, rho: Tensor, eps: float = 1e-8) -> Tensor:
-    """Z's update rule: move rho along the direction to r, then back onto the sphere."""
+    """Z's update rule: move rho along the direction to r, then back onto the sphere (a negative rho: no move)."""
     direction = r - z
-    return project(z + rho * direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps))
+    return project(z + rho.clamp_min(0) * direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps))
 
 
 def dynamics_loss(r_pred: Tensor, rho_pred: Tensor, r: Tensor, rho: Tensor) -> Tensor:

@@ -64,7 +64,8 @@ def read_checkpoint_bytes(path: str | Path) -> tuple[dict[str, Any], bytes]:
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: holds objects a weights-only load refuses, so it was not made by "
                          f"cgml-lightning (nothing in it was run): {err}") from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as err:
+        # what torch's loaders raise on a file they cannot parse (the legacy one: KeyError, IndexError)
         raise ValueError(f"{path}: not a readable checkpoint (truncated, or not a file torch.save wrote): "
                          f"{type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, dict):

@@ -41,8 +41,19 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
-    info = {**datamodule.info(), "data": plain(cfg.data)}
+    info = {**datamodule.info(), "data": recorded_data(cfg.data)}
     return instantiate(cfg.model, data_info=info, net=plain(cfg.net), _recursive_=False, _convert_="all")
+
+
+def recorded_data(data: DictConfig) -> dict[str, Any]:
+    """The data config as checkpoints record it, its local folders (data.root, data.input_dir) made absolute: an
+    evaluation started from another directory finds them."""
+    record = plain(data)
+    for key in ("root", "input_dir"):
+        value = record.get(key)
+        if isinstance(value, str) and value not in ("", "???") and "://" not in value:
+            record[key] = str(Path(value).expanduser().resolve())
+    return record
 
 
 def resume_path(ckpt_path: str | None, folder: Path) -> str | None:
@@ -80,6 +91,11 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
         if was != module.hparams.w_steps:
             raise ValueError(f"ckpt_path={path}: model.w_steps={was} in the checkpoint vs {module.hparams.w_steps} "
                              f"now; resume with model.w_steps={was}, or fine-tune with init_from={path}")
+        was = {**saved, **module.legacy_hparams(saved)}["dynamics_net"]["rho_output"]
+        if was != module.hparams.dynamics_net["rho_output"]:
+            raise ValueError(f"ckpt_path={path}: model.dynamics_net.rho_output={was} in the checkpoint vs "
+                             f"{module.hparams.dynamics_net['rho_output']} now; resume with "
+                             f"model.dynamics_net.rho_output={was}, or fine-tune with init_from={path}")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:
@@ -133,6 +149,12 @@ def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
         raise ValueError(f"{cfg.ckpt_path}: the checkpoint records no data config; pass data=... on the command line")
     dm.prepare_data()
     dm.setup("test")
+    shapes = {k: list(module.data_info[k]) for k in ("x_shape", "y_shape") if k in module.data_info}
+    given = {k: list(dm.info()[k]) for k in shapes}
+    if given != shapes:
+        raise ValueError(f"data=... gives x {given.get('x_shape')} and y {given.get('y_shape')} ([C, H, W]), but "
+                         f"{cfg.ckpt_path} was trained on x {shapes.get('x_shape')} and y {shapes.get('y_shape')}; "
+                         f"set data.image_size (and data.channels, data.task) as in training")
     return dm
 
 

@@ -388,6 +388,32 @@ def test_sample_from_checkpoint(digits_run, workdir):
         assert torch.equal(saved["samples"][:, i][visible], saved["x"][:, :-1][visible])
 
 
+def test_eval_on_data_of_another_shape_names_the_sizes(digits_run, tmp_path):
+    """data=... overrides the checkpoint's data; where its samples differ in shape the error says how, before any
+    sampling (not a reshape error deep inside it)."""
+    from PIL import Image
+
+    from cgml_lightning.runs import load_for_inference
+
+    for i in range(8):
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    data = {"_target_": "cgml_lightning.data.ImageFolderDataModule", "root": str(tmp_path), "image_size": 16,
+            "num_workers": 0, "val_fraction": 0.25, "test_fraction": 0.25}
+    cfg = OmegaConf.create({"ckpt_path": str(digits_run / "checkpoints" / "last.ckpt"), "device": "cpu", "data": data})
+    with pytest.raises(ValueError, match=r"data=... gives x \[4, 16, 16\].* trained on x \[2, 8, 8\] .*data.image_size"):
+        load_for_inference(cfg)
+
+
+def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
+    from cgml_lightning.runs import recorded_data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    record = recorded_data(OmegaConf.create({"root": "photos", "input_dir": "~/chunks", "image_size": 64}))
+    assert record == {"root": str(tmp_path / "photos"), "input_dir": str(tmp_path / "home" / "chunks"), "image_size": 64}
+    assert recorded_data(OmegaConf.create({"input_dir": "s3://bucket/set"}))["input_dir"] == "s3://bucket/set"
+
+
 def test_eval_missing_checkpoint_fails(tmp_path):
     from cgml_lightning.runs import load_for_inference
 

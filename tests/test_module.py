@@ -234,6 +234,27 @@ def test_resume_refuses_another_w_steps(fitted, toy_dm, tmp_path):
         check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **{**SMALL, "w_steps": 2}))
 
 
+def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, toy_dm, tmp_path):
+    """A checkpoint whose Z was trained with rho = softplus(unit) (before dynamics_net.rho_output existed) loads
+    with softplus, samples exactly as before, and refuses a resume under the linear rho; new checkpoints record it."""
+    from cgml_lightning.runs import check_resume
+
+    _, _, path = fitted
+    assert CGMLModule.load_from_checkpoint(path).hparams.dynamics_net["rho_output"] == "linear"
+    old = torch.load(path, map_location="cpu", weights_only=True)
+    del old["hyper_parameters"]["dynamics_net"]["rho_output"]
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = CGMLModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.dynamics.rho_output == "softplus"
+    hbar, z = torch.randn(6, loaded.generator.feature_dim), A.sphere_sample(6, dim=SMALL["latent_dim"])
+    unit = loaded.dynamics.net(torch.cat([hbar, z], dim=1))[:, -1:]
+    torch.testing.assert_close(loaded.dynamics(hbar, z)[1], torch.nn.functional.softplus(unit))
+    with pytest.raises(ValueError, match="rho_output=softplus in the checkpoint vs linear now"):
+        check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **SMALL))
+    softplus = {**SMALL, "dynamics_net": {**SMALL["dynamics_net"], "rho_output": "softplus"}}
+    check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **softplus))
+
+
 # ---- sampling API --------------------------------------------------------------------------------------------
 def test_sample_shape_and_no_grad(fitted, toy_dm):
     module, _, _ = fitted

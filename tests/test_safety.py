@@ -365,6 +365,10 @@ def test_checkpoint_errors_name_the_file(toy_ckpt, tmp_path):
         read_checkpoint(listed)
     with pytest.raises(FileNotFoundError, match=r"missing\.ckpt: no such checkpoint"):
         CGMLModule.load_from_checkpoint(tmp_path / "missing.ckpt")
+    for name, data in (("random.ckpt", b"q" + bytes(100)), ("text.ckpt", b"hi\n")):
+        (tmp_path / name).write_bytes(data)                 # torch's legacy loader: IndexError, KeyError
+        with pytest.raises(ValueError, match=rf"{name}: not a readable checkpoint"):
+            read_checkpoint(tmp_path / name)
 
 
 def test_a_regressor_checkpoint_names_the_class_to_use(tmp_path):

@@ -86,6 +86,8 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     if seen == 0:
         raise ValueError(f"{type(datamodule).__name__}: the test split is empty, so there is nothing to evaluate "
                          f"(raise data.test_fraction or add data)")
+    if seen < num_inputs:
+        log.info("evaluated all %d inputs of the test split (num_inputs=%d asked for more)", seen, num_inputs)
     metrics: dict[str, float | str | None] = {key: value / seen for key, value in totals.items()}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:

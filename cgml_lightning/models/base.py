@@ -220,11 +220,18 @@ class ConditionalModule(L.LightningModule):
                              f"ConditionalModule.load_from_checkpoint(path)")
         if target is not cls:
             return target.load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        kwargs = {**cls.legacy_hparams(checkpoint.get("hyper_parameters") or {}), **kwargs}
         try:
             return super().load_from_checkpoint(io.BytesIO(data), map_location=map_location, hparams_file=hparams_file,
                                                 strict=strict, weights_only=weights_only, **kwargs)
         except (RuntimeError, TypeError, KeyError) as err:
             raise ValueError(f"{checkpoint_path}: does not load into {cls.__name__}: {err}") from err
+
+    @classmethod
+    def legacy_hparams(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """The arguments that rebuild a checkpoint's module as it was saved, where the checkpoint predates a setting
+        whose default has changed since (saved: the checkpoint's hyper_parameters). None by default."""
+        return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the module's name; bring the EMA up to date when saving inside a training batch; refuse to write a

@@ -88,7 +88,9 @@ class CGMLModule(ConditionalModule):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         self.hparams.pop("inference_steps", None)
-        self.hparams.update(settings, optimizer=optimizer)     # the settings in force, as checkpoints record them
+        dynamics_net = {"rho_output": "linear", **(dynamics_net or {})}
+        # the settings in force, as checkpoints record them
+        self.hparams.update(settings, optimizer=optimizer, dynamics_net=dynamics_net)
         if w_steps < 1:
             raise ValueError(f"model.w_steps must be at least 1; got {w_steps}")
         sample_starts = settings["sample_starts"]
@@ -96,7 +98,7 @@ class CGMLModule(ConditionalModule):
         self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
         if self.lipschitz["kind"] not in ("none", "perturbation", "spectral"):
             raise ValueError(f"model.lipschitz.kind must be none, perturbation or spectral; got {self.lipschitz['kind']!r}")
-        self.dynamics = DynamicsNet(self.generator.feature_dim, latent_dim, **(dynamics_net or {}),
+        self.dynamics = DynamicsNet(self.generator.feature_dim, latent_dim, **dynamics_net,
                                     spectral_norm=self.lipschitz["kind"] == "spectral")
         n = int(data_info["num_train_samples"])
         # One z per training example, on the sphere. A frozen Parameter, not a buffer: DDP re-broadcasts
@@ -112,6 +114,12 @@ class CGMLModule(ConditionalModule):
             self.latent_keys = nn.Parameter(torch.full((n, self.generator.feature_dim), float("nan")),
                                             requires_grad=False)
         self.nonfinite_streak = 0
+
+    @classmethod
+    def legacy_hparams(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoints written before dynamics_net.rho_output existed hold a Z with rho = softplus(unit)."""
+        dynamics_net = saved.get("dynamics_net") or {}
+        return {} if "rho_output" in dynamics_net else {"dynamics_net": {**dynamics_net, "rho_output": "softplus"}}
 
     # ---- the phases (each touches only its own parameters) --------------------------------------------------
     def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor,
