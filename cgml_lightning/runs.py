@@ -52,7 +52,7 @@ def recorded_data(data: DictConfig) -> dict[str, Any]:
     for key in ("root", "input_dir"):
         value = record.get(key)
         if isinstance(value, str) and value not in ("", "???") and "://" not in value:
-            record[key] = str(Path(value).expanduser().resolve())
+            record[key] = str(Path(value).expanduser().absolute())
     return record
 
 
@@ -95,7 +95,7 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
         if was != module.hparams.dynamics_net["rho_output"]:
             raise ValueError(f"ckpt_path={path}: model.dynamics_net.rho_output={was} in the checkpoint vs "
                              f"{module.hparams.dynamics_net['rho_output']} now; resume with "
-                             f"model.dynamics_net.rho_output={was}, or fine-tune with init_from={path}")
+                             f"model.dynamics_net.rho_output={was}")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:
@@ -142,19 +142,26 @@ def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     """data=... from the command line (through the registry), else the checkpoint's recorded data config, rebuilt
     by datamodule name (a stored `_target_` is never instantiated)."""
     if cfg.get("data"):
-        dm = instantiate(cfg.data)
+        dm, source = instantiate(cfg.data), "data=... on the command line"
     elif module.data_info.get("data"):
         dm = datamodule_from_record(module.data_info["data"], f"{cfg.ckpt_path}")
+        source = "the checkpoint's data config"
     else:
         raise ValueError(f"{cfg.ckpt_path}: the checkpoint records no data config; pass data=... on the command line")
     dm.prepare_data()
     dm.setup("test")
-    shapes = {k: list(module.data_info[k]) for k in ("x_shape", "y_shape") if k in module.data_info}
-    given = {k: list(dm.info()[k]) for k in shapes}
+    trained, now = module.data_info, dm.info()
+    shapes = {k: list(trained[k]) for k in ("x_shape", "y_shape") if k in trained}
+    given = {k: list(now[k]) for k in shapes}
     if given != shapes:
-        raise ValueError(f"data=... gives x {given.get('x_shape')} and y {given.get('y_shape')} ([C, H, W]), but "
+        raise ValueError(f"{source} gives x {given.get('x_shape')} and y {given.get('y_shape')} ([C, H, W]), but "
                          f"{cfg.ckpt_path} was trained on x {shapes.get('x_shape')} and y {shapes.get('y_shape')}; "
                          f"set data.image_size (and data.channels, data.task) as in training")
+    if not cfg.get("data") and trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"]:
+        log.warning("%s: its data config now lists another training split than it was trained on (%s training "
+                    "samples, %s then): files were added, removed or renamed, so the test split may hold images "
+                    "the model trained on", cfg.ckpt_path, now.get("num_train_samples"),
+                    trained.get("num_train_samples"))
     return dm
 
 

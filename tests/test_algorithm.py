@@ -296,15 +296,14 @@ def test_dynamics_step_negative_rho_is_no_move():
     torch.testing.assert_close(A.dynamics_step(z, r, torch.full((4, 1), -0.3)), z)
 
 
-@pytest.mark.parametrize("rho_output", ["linear", "softplus"])
-def test_dynamics_rho_follows_when_the_moves_shrink(rho_output):
+def test_dynamics_rho_follows_when_the_moves_shrink():
     """Z's move length after its targets drop from long early moves (0.5) to the image z-phase's short ones (0.05):
-    the linear rho follows within a few dozen Adam steps; softplus(unit) overshoots to ~0, where its gradient
-    sigmoid(unit) is tiny against the early gradients Adam still scales by, and stays there (no move at sampling)."""
+    the linear rho follows within 50 Adam steps. (rho_output=softplus, the earlier rule, is at ~0.002 here: it
+    overshoots to where its gradient sigmoid(unit) is tiny against the early gradients Adam still scales by.)"""
     from cgml_lightning.nets import DynamicsNet
 
     torch.manual_seed(0)
-    net = DynamicsNet(32, 8, width=64, depth=3, rho_output=rho_output)
+    net = DynamicsNet(32, 8, width=64, depth=3, rho_output="linear")
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     hbar, z = torch.randn(64, 32), A.sphere_sample(64, dim=8)
     for step in range(100):
@@ -313,8 +312,7 @@ def test_dynamics_rho_follows_when_the_moves_shrink(rho_output):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    followed = abs(rho.mean().item() - 0.05) < 0.01
-    assert followed == (rho_output == "linear"), rho.mean().item()
+    assert abs(rho.mean().item() - 0.05) < 0.01, rho.mean().item()
 
 
 def test_dynamics_step_iterates_to_r():

@@ -400,8 +400,33 @@ def test_eval_on_data_of_another_shape_names_the_sizes(digits_run, tmp_path):
     data = {"_target_": "cgml_lightning.data.ImageFolderDataModule", "root": str(tmp_path), "image_size": 16,
             "num_workers": 0, "val_fraction": 0.25, "test_fraction": 0.25}
     cfg = OmegaConf.create({"ckpt_path": str(digits_run / "checkpoints" / "last.ckpt"), "device": "cpu", "data": data})
-    with pytest.raises(ValueError, match=r"data=... gives x \[4, 16, 16\].* trained on x \[2, 8, 8\] .*data.image_size"):
+    with pytest.raises(ValueError, match=r"data=... on the command line gives x \[4, 16, 16\].* trained on "
+                                         r"x \[2, 8, 8\] .*data.image_size"):
         load_for_inference(cfg)
+
+
+def test_eval_warns_when_the_recorded_folder_now_lists_another_split(tmp_path, caplog):
+    """Files added or removed under data.root since training move images between the splits: evaluating on the
+    checkpoint's own data config then says so instead of scoring a test split that may hold training images."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cgml_lightning.data import ImageFolderDataModule
+    from cgml_lightning.runs import checkpoint_datamodule
+
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    record = {"_target_": "cgml_lightning.data.ImageFolderDataModule", "root": str(tmp_path), "image_size": 8,
+              "num_workers": 0, "val_fraction": 0.25, "test_fraction": 0.25}
+    trained = ImageFolderDataModule(**{k: v for k, v in record.items() if k != "_target_"}).info()
+    module = SimpleNamespace(data_info={**trained, "data": record})
+    cfg = OmegaConf.create({"ckpt_path": "run.ckpt"})
+    checkpoint_datamodule(cfg, module)
+    assert "another training split" not in caplog.text
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "added.png")
+    checkpoint_datamodule(cfg, module)
+    assert "run.ckpt: its data config now lists another training split" in caplog.text
 
 
 def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
@@ -410,7 +435,8 @@ def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     record = recorded_data(OmegaConf.create({"root": "photos", "input_dir": "~/chunks", "image_size": 64}))
-    assert record == {"root": str(tmp_path / "photos"), "input_dir": str(tmp_path / "home" / "chunks"), "image_size": 64}
+    home = tmp_path / "home"
+    assert record == {"root": str(tmp_path / "photos"), "input_dir": str(home / "chunks"), "image_size": 64}
     assert recorded_data(OmegaConf.create({"input_dir": "s3://bucket/set"}))["input_dir"] == "s3://bucket/set"
 
 

@@ -215,7 +215,8 @@ def test_hidden_files_and_archive_folders_are_not_images(tmp_path):
     for folder in (tmp_path / "__MACOSX", tmp_path / "@eaDir", tmp_path / ".cache"):
         write_images(folder, 2)
     (tmp_path / "._img_0_000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
-    assert sorted(p.name for p in make(ImageFolderDataModule, tmp_path).files) == [f"img_0_{i:03d}.png" for i in range(5)]
+    listed = sorted(p.name for p in make(ImageFolderDataModule, tmp_path).files)
+    assert listed == [f"img_0_{i:03d}.png" for i in range(5)]
 
 
 def test_small_eval_splits_drop_bad_files_before_training(tmp_path):
@@ -225,7 +226,7 @@ def test_small_eval_splits_drop_bad_files_before_training(tmp_path):
     write_images(tmp_path, 19, size=(8, 8))
     (tmp_path / "img_9_bad.png").write_bytes(b"")
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_fraction=0.25, test_fraction=0.25, num_workers=0)
-    with pytest.warns(UserWarning, match=r"(?s)skipping 1 unreadable image.*img_9_bad.png"):
+    with pytest.warns(UserWarning, match=r"(?s)skipping 1 unreadable or unusable image.*img_9_bad.png"):
         dm.setup()
     assert len(dm.splits["val"]) + len(dm.splits["test"]) == 9 and len(dm.splits["train"]) == 10
     assert not any("bad" in dm.splits[k].path(i) for k in ("val", "test") for i in range(len(dm.splits[k])))

@@ -253,6 +253,9 @@ def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, 
         check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **SMALL))
     softplus = {**SMALL, "dynamics_net": {**SMALL["dynamics_net"], "rho_output": "softplus"}}
     check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **softplus))
+    with pytest.raises(ValueError, match="init_from=.*old.ckpt: its dynamics net was trained with .*=softplus"):
+        CGMLModule(toy_dm.info(), MLP_NET, **SMALL).init_weights_from(str(tmp_path / "old.ckpt"))
+    CGMLModule(toy_dm.info(), MLP_NET, **softplus).init_weights_from(str(tmp_path / "old.ckpt"))
 
 
 # ---- sampling API --------------------------------------------------------------------------------------------

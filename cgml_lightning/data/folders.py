@@ -3,13 +3,13 @@ paired folders become translation (data=paired_folder).
 
 Setup lists the files in sorted order (hidden files and __MACOSX / @eaDir folders left out); only the headers of a
 small validation or test split (at most EVAL_HEADERS_AT_SETUP files) are read, so start-up is a directory listing
-however many files there are. The datasets keep relative names in one compact table, never pixels, so memory does not grow with the
-images; each file's row of the latent table is its sorted position in the training split. DataLoader workers
-decode, resize, crop (randomly, and flip, in training when data.augment asks) and hand over uint8 tensors; the
-collate function turns them into the float batch {"x", "y", "index"} and draws the degradation. A file that cannot
-serve as a sample when a worker reads it (corrupt, animated, fully transparent, smaller than 2x2, an A|B pair that
-does not fit) is skipped with a warning naming it and why: a readable row drawn from the draw's own seed stands in
-for that draw, and no other file changes row. Transparent pixels are composited onto white.
+however many files there are. The datasets keep relative names in one compact table, never pixels, so memory does
+not grow with the images; each file's row of the latent table is its sorted position in the training split.
+DataLoader workers decode, resize, crop (randomly, and flip, in training when data.augment asks) and hand over uint8
+tensors; the collate function turns them into the float batch {"x", "y", "index"} and draws the degradation. A file
+that cannot serve as a sample when a worker reads it (corrupt, animated, fully transparent, smaller than 2x2, an A|B
+pair that does not fit) is skipped with a warning naming it and why: a readable row drawn from the draw's own seed
+stands in for that draw, and no other file changes row. Transparent pixels are composited onto white.
 
 data.check_files=true (and data.image_size=null, which needs every file's size) reads every header at setup, in
 threads, instead: unreadable files are then dropped with one warning before rows are assigned, and a file that
@@ -339,6 +339,8 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, key) -> dict[str, Any]:
         row, epoch, seed = draw_key(key)
         n, i, stand_ins = len(self), row, None
+        if not 0 <= row < n:
+            raise IndexError(f"row {row} of the {self.split} split, which holds {n}")
         while len(self.skipped) < n:
             if i not in self.skipped:
                 try:
@@ -448,7 +450,8 @@ class FolderDataModule(SplitDataModule):
                     kept[j], sizes[j] = True, result
         if bad:
             shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-            warnings.warn(f"skipping {len(bad)} unreadable image(s) under {root}:\n  {shown}", stacklevel=3)
+            what = "unreadable image(s)" if strict else "unreadable or unusable image(s)"
+            warnings.warn(f"skipping {len(bad)} {what} under {root}:\n  {shown}", stacklevel=3)
         return rows[kept], sizes[kept]
 
     def setup(self, stage: str | None = None) -> None:
@@ -599,7 +602,8 @@ def check_auto_layout(root: Path, has_a: bool, has_b: bool) -> None:
                                 "every image under data.root as A|B halves instead)")
     if has_a:
         return
-    subfolders = {e.name for e in os.scandir(root) if e.is_dir()}
+    with os.scandir(root) as entries:
+        subfolders = {e.name for e in entries if e.is_dir()}
     for name in sorted(subfolders):
         if name[-1:] in ("A", "a") and name[:-1] + {"A": "B", "a": "b"}[name[-1]] in subfolders:
             other = name[:-1] + {"A": "B", "a": "b"}[name[-1]]

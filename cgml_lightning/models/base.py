@@ -233,6 +233,10 @@ class ConditionalModule(L.LightningModule):
         whose default has changed since (saved: the checkpoint's hyper_parameters). None by default."""
         return {}
 
+    def check_init_source(self, path: str, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint to fine-tune from whose weights would mean something else here (saved: its
+        hyper_parameters). Nothing to check by default."""
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the module's name; bring the EMA up to date when saving inside a training batch; refuse to write a
         state with NaN/Inf in it, so no checkpoint on disk (last.ckpt included) is ever replaced by a non-finite one."""
@@ -276,7 +280,9 @@ class ConditionalModule(L.LightningModule):
         """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
         freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys.
         Loads with weights_only=True and never instantiates anything named in the checkpoint."""
-        state = read_checkpoint(path)["state_dict"]
+        checkpoint = read_checkpoint(path)
+        self.check_init_source(path, checkpoint.get("hyper_parameters") or {})
+        state = checkpoint["state_dict"]
         own = self.state_dict()
         # per-sample tables are data-bound; the EMA restarts from the copied weights
         keys = [k for k in own if "latents" not in k and "latent_keys" not in k and not k.startswith("ema.")]

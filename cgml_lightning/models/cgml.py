@@ -121,6 +121,18 @@ class CGMLModule(ConditionalModule):
         dynamics_net = saved.get("dynamics_net") or {}
         return {} if "rho_output" in dynamics_net else {"dynamics_net": {**dynamics_net, "rho_output": "softplus"}}
 
+    def check_init_source(self, path: str, saved: dict[str, Any]) -> None:
+        """Z's last unit is rho itself (linear) or rho before a softplus: copied into the other setting, it moves
+        nothing (a softplus unit sits near -3) or every step far too long."""
+        if saved.get("dynamics_net") is None and "z_steps" not in saved:
+            return                                       # not a cGML checkpoint: it has no dynamics net to copy
+        was = {**saved, **self.legacy_hparams(saved)}["dynamics_net"]["rho_output"]
+        now = self.hparams.dynamics_net["rho_output"]
+        if was != now:
+            raise ValueError(f"init_from={path}: its dynamics net was trained with "
+                             f"model.dynamics_net.rho_output={was}, this run has {now}; fine-tune with "
+                             f"model.dynamics_net.rho_output={was}")
+
     # ---- the phases (each touches only its own parameters) --------------------------------------------------
     def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor,
                         generator: torch.Generator | None = None) -> Tensor:

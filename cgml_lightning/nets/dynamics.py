@@ -22,7 +22,8 @@ class DynamicsNet(nn.Module):
                  spectral_norm: bool = False, rho_output: str = "linear"):
         super().__init__()
         if rho_output not in RHO_OUTPUTS:
-            raise ValueError(f"model.dynamics_net.rho_output must be one of {', '.join(RHO_OUTPUTS)}; got {rho_output!r}")
+            raise ValueError(f"model.dynamics_net.rho_output must be one of {', '.join(RHO_OUTPUTS)}; "
+                             f"got {rho_output!r}")
         self.rho_output = rho_output
         self.net = mlp([feature_dim + latent_dim] + [width] * depth + [latent_dim + 1])
         init_weights(self, spectral_norm)
