@@ -15,6 +15,14 @@ from cgml_lightning.runs import log_picture
 __all__ = ["SampleGrid", "PreemptionCheckpoint"]
 
 
+class Preempted(Exception):
+    """Training stopped on a signal after PreemptionCheckpoint saved; cgml-train exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped on {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class SampleGrid(L.Callback):
     """Writes DIRPATH/epoch_XXX.png (input | N samples | truth, or the toy plot) every `every_n_epochs` validations and
     gives it, captioned, to the loggers that take images (W&B, TensorBoard)."""
@@ -52,7 +60,7 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self, dirpath: str, filename: str = "last.ckpt"):
         self.path = Path(dirpath) / filename
         self.received: int | None = None            # the signal number this process got, until the save
-        self.preempted: int | None = None           # the signal the run stopped on; cgml-train exits 128 + it
+        self.preempted: int | None = None           # the signal the run stopped on (raised as Preempted)
         self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -88,7 +96,6 @@ class PreemptionCheckpoint(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         self.preempted, self.received = signum, None
-        trainer.should_stop = True
         if trainer.is_global_zero:
             print(f"[cgml] {signal.Signals(signum).name}: saved {self.path} at step {trainer.global_step}; "
                   f"resume with ckpt_path=last (or ckpt_path={self.path})", flush=True)
@@ -96,6 +103,9 @@ class PreemptionCheckpoint(L.Callback):
         self.restore_handlers()
         if callable(previous) and signum not in (signal.SIGINT, signal.SIGTERM):   # submitit re-queues on SIGUSR2
             previous(signum, None)
+        # stop here: a stop request (should_stop) would still run the epoch's validation and checkpoints, whose
+        # files, newer than this one and counting the cut epoch as done, ckpt_path=last would then resume from
+        raise Preempted(signum)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

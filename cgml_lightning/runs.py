@@ -172,6 +172,17 @@ def sweep_id() -> str | None:
     return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
+def experiment_overrides(hydra_cfg: DictConfig) -> str:
+    """The command line's overrides that change the experiment, sorted and joined as Hydra's override_dirname joins
+    them: its exclude_keys left out, and every logger.* key (where and how a run logs is not what it runs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    spec = hydra_cfg.job.config.override_dirname
+    lines = sorted(o.input_line for o in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+                   if o.key_or_group not in spec.exclude_keys and not o.key_or_group.startswith("logger."))
+    return spec.item_sep.join(lines).replace("=", spec.kv_sep)
+
+
 def build_loggers(cfg: DictConfig) -> list:
     """The run's loggers. A W&B run left unnamed gets `<task>_<overrides>` (logger keys excluded), the group
     `<task>` or, in a multirun, `<task>_<sweep id>` so that each sweep is one group, job_type = the command, and
@@ -182,7 +193,7 @@ def build_loggers(cfg: DictConfig) -> list:
             continue
         if logger_cfg.get("_target_") == WANDB_TARGET:
             hydra_cfg, sweep = HydraConfig.get(), sweep_id()
-            overrides = hydra_cfg.job.override_dirname
+            overrides = experiment_overrides(hydra_cfg)
             with open_dict(logger_cfg):
                 logger_cfg.name = logger_cfg.get("name") or "_".join(p for p in (cfg.task_name, overrides) if p)
                 logger_cfg.group = logger_cfg.get("group") or "_".join(p for p in (cfg.task_name, sweep) if p)
@@ -243,10 +254,12 @@ def log_picture(loggers: list, key: str, path: Path, caption: str, step: int = 0
 # ---- the task wrapper -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def task(loggers: list) -> Iterator[None]:
-    """Ends every run the same way: Lightning's SIGTERM stop becomes exit 128 + SIGTERM (its checkpoint is saved
-    by the preemption callback), every logger is finalized (what was logged after training is flushed), and W&B runs
-    are finished so that one job never bleeds into the next."""
+    """Ends every run the same way: a stop on a signal (Lightning's SIGTERM stop, or the preemption callback's after
+    its save) becomes exit 128 + the signal, every logger is finalized (what was logged after training is flushed),
+    and W&B runs are finished so that one job never bleeds into the next."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cgml_lightning.callbacks import Preempted
 
     status = "failed"
     try:
@@ -254,6 +267,8 @@ def task(loggers: list) -> Iterator[None]:
         status = "success"
     except SIGTERMException as err:
         raise SystemExit(128 + signal.SIGTERM) from err
+    except Preempted as err:                                      # saved and stopped on a signal: not finished
+        raise SystemExit(128 + err.signum) from err
     finally:
         for logger in loggers:                                    # flush what was logged after training ended
             logger.finalize(status)
@@ -261,11 +276,6 @@ def task(loggers: list) -> Iterator[None]:
             import wandb
 
             wandb.finish()
-
-
-def stop_signal(callbacks: list) -> int | None:
-    """The signal a callback stopped training on (saved and stopped: not a finished run), else None."""
-    return next((int(c.preempted) for c in callbacks if getattr(c, "preempted", None)), None)
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

@@ -236,11 +236,12 @@ def test_resume_refuses_another_w_steps(fitted, toy_dm, tmp_path):
 
 def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, toy_dm, tmp_path):
     """A checkpoint whose Z was trained with rho = softplus(unit) (before dynamics_net.rho_output existed) loads
-    with softplus, samples exactly as before, and refuses a resume under the linear rho; new checkpoints record it."""
+    with softplus, samples exactly as before, and refuses a resume or a fine-tuning under the linear rho; new
+    checkpoints record the rule (here the paper preset's, softplus)."""
     from cgml_lightning.runs import check_resume
 
     _, _, path = fitted
-    assert CGMLModule.load_from_checkpoint(path).hparams.dynamics_net["rho_output"] == "linear"
+    assert CGMLModule.load_from_checkpoint(path).hparams.dynamics_net["rho_output"] == "softplus"
     old = torch.load(path, map_location="cpu", weights_only=True)
     del old["hyper_parameters"]["dynamics_net"]["rho_output"]
     torch.save(old, tmp_path / "old.ckpt")
@@ -249,13 +250,13 @@ def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, 
     hbar, z = torch.randn(6, loaded.generator.feature_dim), A.sphere_sample(6, dim=SMALL["latent_dim"])
     unit = loaded.dynamics.net(torch.cat([hbar, z], dim=1))[:, -1:]
     torch.testing.assert_close(loaded.dynamics(hbar, z)[1], torch.nn.functional.softplus(unit))
+    linear = {**SMALL, "dynamics_net": {**SMALL["dynamics_net"], "rho_output": "linear"}}
     with pytest.raises(ValueError, match="rho_output=softplus in the checkpoint vs linear now"):
-        check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **SMALL))
-    softplus = {**SMALL, "dynamics_net": {**SMALL["dynamics_net"], "rho_output": "softplus"}}
-    check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **softplus))
+        check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **linear))
+    check_resume(str(tmp_path / "old.ckpt"), CGMLModule(toy_dm.info(), MLP_NET, **SMALL))
     with pytest.raises(ValueError, match="init_from=.*old.ckpt: its dynamics net was trained with .*=softplus"):
-        CGMLModule(toy_dm.info(), MLP_NET, **SMALL).init_weights_from(str(tmp_path / "old.ckpt"))
-    CGMLModule(toy_dm.info(), MLP_NET, **softplus).init_weights_from(str(tmp_path / "old.ckpt"))
+        CGMLModule(toy_dm.info(), MLP_NET, **linear).init_weights_from(str(tmp_path / "old.ckpt"))
+    CGMLModule(toy_dm.info(), MLP_NET, **SMALL).init_weights_from(str(tmp_path / "old.ckpt"))
 
 
 # ---- sampling API --------------------------------------------------------------------------------------------
@@ -490,6 +491,7 @@ def test_z_phase_presets_fill_what_is_not_given(toy_dm, digits_dm):
     vector = CGMLModule(toy_dm.info(), MLP_NET, latent_dim=4, z_lr=0.3).hparams
     assert (image.z_steps, image.z_lr, image.z_normalized, image.sample_steps, image.optimizer["lr"]) == (3, 0.05, True, 1, 2e-3)
     assert (vector.z_lr, vector.sample_starts, vector.sample_steps, vector.optimizer["lr"]) == (0.3, "table", 0, 1e-3)
+    assert (image.dynamics_net["rho_output"], vector.dynamics_net["rho_output"]) == ("linear", "softplus")
     with pytest.raises(ValueError, match="model.z_phase must be auto, image, vector, paper; got 'fast'"):
         CGMLModule(toy_dm.info(), MLP_NET, latent_dim=4, z_phase="fast")
 

@@ -34,6 +34,7 @@ def test_optuna_sweep_returns_the_experiments_metric(experiment, tmp_path):
 
 def test_basic_sweep_is_one_wandb_group_with_runs_named_from_overrides(tmp_path):
     proc = run_cli("cgml-train", "-m", *TOY, *TINY[:5], "logger=wandb", "tags=[sweep-test]", "model.z_lr=0.05,0.2",
+                   "logger.wandb.tags=[extra]",
                    f"hydra.sweep.dir={tmp_path / 'sweep_0042'}", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     runs = wandb_runs(tmp_path)
     assert len(runs) == 2, proc.stderr[-2000:]

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
 from cgml_lightning import CGMLModule, RegressorModule
-from cgml_lightning.callbacks import PreemptionCheckpoint
+from cgml_lightning.callbacks import Preempted, PreemptionCheckpoint
 from cgml_lightning.files import atomic_path, read_checkpoint, write_json
 from cgml_lightning.instantiate import check_targets, datamodule_from_record, instantiate
 
@@ -150,12 +150,23 @@ def test_signal_saves_a_resumable_checkpoint(workdir, name):
     assert f"[cgml] {name}: saved" in output and not (run_dir / "metrics.json").exists(), output[-3000:]
     saved = load(run_dir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] % 2 == 0 and saved["global_step"] > 0    # two optimizer steps a batch: a boundary
-    # the same command with ckpt_path=last resumes from it, in the same run directory
+    # nothing written after it (the cut epoch's validation and checkpoints would count the epoch as done)
+    newest = max((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    assert newest.name == "last.ckpt", sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    # the same command with ckpt_path=last resumes from it, in the same run directory, and trains every batch of
+    # every epoch: the cut epoch's rest included
     epochs = saved["epoch"] + 2
     run_cli("cgml-train", *TOY, "model.scheduler=null", "ckpt_path=last", f"trainer.max_epochs={epochs}",
             f"hydra.run.dir={run_dir}", cwd=workdir)
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epochs
-    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] > saved["global_step"]
+    best = load(next((run_dir / "checkpoints").glob("epoch_*.ckpt")))         # saved at the end of its epoch
+    per_epoch = batches_done(best) // (best["epoch"] + 1)
+    assert batches_done(best) == (best["epoch"] + 1) * per_epoch
+    assert batches_done(load(run_dir / "checkpoints" / "last.ckpt")) == epochs * per_epoch
+
+
+def batches_done(checkpoint: dict) -> int:
+    return checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
 
 
 def children(pid: int) -> list[int]:
@@ -218,10 +229,11 @@ def test_sigusr2_saves_then_hands_on_to_the_earlier_handler_which_is_restored(tm
     before = signal.signal(signal.SIGUSR2, earlier)
     usr1 = signal.getsignal(signal.SIGUSR1)
     try:
-        trainer, _ = toy_fit(tmp_path, [PreemptionCheckpoint(tmp_path / "checkpoints"), SignalAt(signal.SIGUSR2, 1)])
-        assert seen == [(signal.SIGUSR2, True)]
+        with pytest.raises(Preempted) as stop:     # straight out: no end-of-epoch validation or checkpoint after it
+            toy_fit(tmp_path, [PreemptionCheckpoint(tmp_path / "checkpoints"), SignalAt(signal.SIGUSR2, 1)])
+        assert seen == [(signal.SIGUSR2, True)] and stop.value.signum == signal.SIGUSR2
         # signalled after batch 1's check: saved and stopped at the end of batch 2 (two optimizer steps a batch)
-        assert load(ckpt)["global_step"] == 6 and trainer.global_step == 6
+        assert load(ckpt)["global_step"] == 6
         assert signal.getsignal(signal.SIGUSR2) is earlier and signal.getsignal(signal.SIGUSR1) == usr1
     finally:
         signal.signal(signal.SIGUSR2, before)

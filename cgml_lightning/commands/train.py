@@ -14,8 +14,8 @@ from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_resume,
-                                 log_picture, log_results, optimized_value, output_dir, resume_path, run_record,
-                                 stop_signal, task, weights_in_use)
+                                 log_picture, log_results, optimized_value, output_dir, resume_path, run_record, task,
+                                 weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -44,9 +44,6 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             logger.log_hyperparams(run_record(cfg, module))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        signum = stop_signal(callbacks)
-        if signum:
-            raise SystemExit(128 + signum)                       # saved and stopped on a signal: not a finished run
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")          # full state: resumable
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:

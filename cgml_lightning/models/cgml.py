@@ -17,18 +17,21 @@ from cgml_lightning.nets import DynamicsNet
 # The z-phase and sampler settings that go together (model.z_phase; an explicit key wins over its preset's value).
 # image: an L1 summed over hundreds of pixels has a gradient of norm ~24 in z, so plain steps of z_lr x gradient
 #   jump across the sphere and Z cannot predict where such paths end: three short unit-gradient steps, one dynamics step
-#   at sampling, fresh sphere starts, and twice the baselines' learning rate.
+#   at sampling, fresh sphere starts, and twice the baselines' learning rate; Z's rho is its last unit as it is
+#   (linear), since on such short moves a softplus can sink to where it stops Z for the rest of a run.
 # vector: unit-gradient steps move z as far where the outputs are tiny as where they are large, so every branch
 #   gets its own region of the sphere; sampling draws the table latents of the training inputs nearest in encoder
 #   features (Z walking uniform starts pulls them between branches).
 # paper: the paper's settings (plain gradient steps, five dynamics steps from uniform sphere starts).
+# vector and paper keep rho = softplus(unit): with five dynamics steps on the toy, the linear rho's longer moves
+#   carried guided samples back off their constraint (docs/results.md).
 Z_PHASES: dict[str, dict[str, Any]] = {
     "image": {"z_steps": 3, "z_lr": 0.05, "z_normalized": True, "start_candidates": 2, "sample_steps": 1,
-              "sample_starts": "sphere", "lr": 2e-3},
+              "sample_starts": "sphere", "lr": 2e-3, "rho_output": "linear"},
     "vector": {"z_steps": 10, "z_lr": 0.1, "z_normalized": True, "start_candidates": 4, "sample_steps": 0,
-               "sample_starts": "table", "lr": 1e-3},
+               "sample_starts": "table", "lr": 1e-3, "rho_output": "softplus"},
     "paper": {"z_steps": 10, "z_lr": 0.1, "z_normalized": False, "start_candidates": 4, "sample_steps": 5,
-              "sample_starts": "sphere", "lr": 1e-3},
+              "sample_starts": "sphere", "lr": 1e-3, "rho_output": "softplus"},
 }
 
 
@@ -47,7 +50,8 @@ class CGMLModule(ConditionalModule):
 
     z_phase names the z-phase and sampler settings that go together (Z_PHASES: image, vector, paper; auto picks
     image for image data, vector otherwise); z_steps, z_lr, z_normalized, start_candidates, sample_steps,
-    sample_starts and optimizer["lr"] left at None take the preset's value, and hparams record the values in force.
+    sample_starts, optimizer["lr"] and dynamics_net["rho_output"] left at None take the preset's value, and hparams
+    record the values in force.
 
     The latent table `latents` [num_train_samples, d] holds, per training example, the z its last z-phase converged
     to (written whenever the example is in a finite training batch; every rank holds the whole table). Its uses:
@@ -83,12 +87,12 @@ class CGMLModule(ConditionalModule):
         settings = z_phase_settings(z_phase, data_info.get("kind"), z_steps=z_steps, z_lr=z_lr,
                                     z_normalized=z_normalized, start_candidates=start_candidates,
                                     sample_steps=sample_steps, sample_starts=sample_starts,
-                                    lr=(optimizer or {}).get("lr"))
+                                    lr=(optimizer or {}).get("lr"), rho_output=(dynamics_net or {}).get("rho_output"))
         optimizer = {**DEFAULT_OPTIMIZER, **(optimizer or {}), "lr": settings.pop("lr")}
+        dynamics_net = {**(dynamics_net or {}), "rho_output": settings.pop("rho_output")}
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         self.hparams.pop("inference_steps", None)
-        dynamics_net = {"rho_output": "linear", **(dynamics_net or {})}
         # the settings in force, as checkpoints record them
         self.hparams.update(settings, optimizer=optimizer, dynamics_net=dynamics_net)
         if w_steps < 1:
