@@ -605,8 +605,8 @@ def check_auto_layout(root: Path, has_a: bool, has_b: bool) -> None:
     with os.scandir(root) as entries:
         subfolders = {e.name for e in entries if e.is_dir()}
     for name in sorted(subfolders):
-        if name[-1:] in ("A", "a") and name[:-1] + {"A": "B", "a": "b"}[name[-1]] in subfolders:
-            other = name[:-1] + {"A": "B", "a": "b"}[name[-1]]
+        other = name[:-1] + {"A": "B", "a": "b"}.get(name[-1:], "")
+        if name[-1:] in ("A", "a") and other in subfolders:
             raise ValueError(f"{root.resolve()}: subfolders {name}/ and {other}/ look like the two sides of a paired "
                              f"set, but data=paired_folder reads pairs from A/ and B/ (the same file names); rename "
                              f"them A/ and B/ if their files are pairs, or set data.layout=side_by_side if they hold "
