@@ -70,10 +70,15 @@ def resume_path(ckpt_path: str | None, folder: Path) -> str | None:
 
 
 def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = None) -> None:
-    """Resuming continues the same run: refuse a checkpoint made on other data, with another latent table, or
-    with another schedule length (Lightning would restore the old scheduler state over the new one)."""
+    """Resuming continues the same run: refuse a checkpoint of another model, made on other data, with another
+    latent table, net, optimizer or scheduler (Lightning would load the old states over the new ones, or fail on
+    their shapes), or with another schedule length."""
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("hyper_parameters", {})
+    recorded = checkpoint.get("cgml_module")
+    if recorded and recorded != module.module_name:
+        raise ValueError(f"ckpt_path={path} holds a model={recorded} run, not model={module.module_name}; resume "
+                         f"with model={recorded}")
     old, new = saved.get("data_info", {}), module.data_info
     for key in ("num_train_samples", "fingerprint", "x_shape", "y_shape"):
         if key in old and old[key] != new.get(key):
@@ -91,11 +96,15 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
         if was != module.hparams.w_steps:
             raise ValueError(f"ckpt_path={path}: model.w_steps={was} in the checkpoint vs {module.hparams.w_steps} "
                              f"now; resume with model.w_steps={was}, or fine-tune with init_from={path}")
-        was = {**saved, **module.legacy_hparams(saved)}["dynamics_net"]["rho_output"]
-        if was != module.hparams.dynamics_net["rho_output"]:
-            raise ValueError(f"ckpt_path={path}: model.dynamics_net.rho_output={was} in the checkpoint vs "
-                             f"{module.hparams.dynamics_net['rho_output']} now; resume with "
-                             f"model.dynamics_net.rho_output={was}")
+    as_saved = {**saved, **module.legacy_hparams(saved)}
+    for key, name in (("net", "net"), ("dynamics_net", "model.dynamics_net"), ("optimizer", "model.optimizer"),
+                      ("dynamics_optimizer", "model.dynamics_optimizer"), ("scheduler", "model.scheduler")):
+        was, now = as_saved.get(key) or {}, module.hparams.get(key) or {}
+        differs = sorted(k for k in set(was) | set(now) if k != "T_max" and was.get(k) != now.get(k))  # T_max: below
+        if key in saved and differs:
+            k = differs[0]
+            raise ValueError(f"ckpt_path={path}: {name}.{k}={was.get(k)} in the checkpoint vs {now.get(k)} now; "
+                             f"resume with {name}.{k}={was.get(k)} (a resumed run continues the same one)")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:

@@ -259,6 +259,19 @@ def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, 
     CGMLModule(toy_dm.info(), MLP_NET, **SMALL).init_weights_from(str(tmp_path / "old.ckpt"))
 
 
+def test_resume_refuses_another_model_net_or_optimizer(fitted, toy_dm):
+    """Lightning would fail on the weights' shapes, or load the old optimizer's state over the new one: named."""
+    from cgml_lightning.runs import check_resume
+
+    _, _, path = fitted
+    with pytest.raises(ValueError, match="holds a model=cgml run, not model=regressor; resume with model=cgml"):
+        check_resume(str(path), RegressorModule(toy_dm.info(), MLP_NET))
+    with pytest.raises(ValueError, match=r"net.width=32 in the checkpoint vs 48 now; resume with net.width=32"):
+        check_resume(str(path), CGMLModule(toy_dm.info(), {**MLP_NET, "width": 48}, **SMALL))
+    with pytest.raises(ValueError, match=r"model.optimizer.lr=0.001 in the checkpoint vs 0.01 now"):
+        check_resume(str(path), CGMLModule(toy_dm.info(), MLP_NET, **SMALL, optimizer={"lr": 0.01}))
+
+
 # ---- sampling API --------------------------------------------------------------------------------------------
 def test_sample_shape_and_no_grad(fitted, toy_dm):
     module, _, _ = fitted
