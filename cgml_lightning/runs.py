@@ -47,11 +47,12 @@ def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
 
 def recorded_data(data: DictConfig) -> dict[str, Any]:
     """The data config as checkpoints record it, its local folders (data.root, data.input_dir) made absolute: an
-    evaluation started from another directory finds them."""
+    evaluation started from another directory finds them. A value with a scheme (s3://..., litdata's local:...)
+    stays as given."""
     record = plain(data)
     for key in ("root", "input_dir"):
         value = record.get(key)
-        if isinstance(value, str) and value not in ("", "???") and "://" not in value:
+        if isinstance(value, str) and value not in ("", "???") and ":" not in value.split("/", 1)[0]:
             record[key] = str(Path(value).expanduser().absolute())
     return record
 

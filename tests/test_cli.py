@@ -438,6 +438,7 @@ def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
     home = tmp_path / "home"
     assert record == {"root": str(tmp_path / "photos"), "input_dir": str(home / "chunks"), "image_size": 64}
     assert recorded_data(OmegaConf.create({"input_dir": "s3://bucket/set"}))["input_dir"] == "s3://bucket/set"
+    assert recorded_data(OmegaConf.create({"input_dir": "local:/data/set"}))["input_dir"] == "local:/data/set"
 
 
 def test_eval_missing_checkpoint_fails(tmp_path):
