@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from cgml_lightning.plots import save_samples_png
-from cgml_lightning.runs import log_picture
+from cgml_lightning.runs import log_picture, logged_step
 
 __all__ = ["SampleGrid", "PreemptionCheckpoint"]
 
@@ -41,7 +41,8 @@ class SampleGrid(L.Callback):
                                 self.num_inputs, self.num_samples, self.seed)
         rows = (f"one row per test input: input | {self.num_samples} samples | truth"
                 if trainer.datamodule.kind == "image" else "samples (red) against x, true modes (black) where known")
-        log_picture(trainer.loggers, "samples", path, f"epoch {trainer.current_epoch}: {rows}", trainer.global_step)
+        log_picture(trainer.loggers, "samples", path, f"epoch {trainer.current_epoch}: {rows}",
+                    logged_step(trainer))
 
 
 class PreemptionCheckpoint(L.Callback):

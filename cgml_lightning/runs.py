@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -30,6 +31,27 @@ def plain(cfg: Any) -> Any:
 
 def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def check_output_dir() -> Path:
+    """The run's output folder, refused where it holds another command's run: cgml-eval and cgml-sample write
+    metrics.json / samples.png there, which would replace a training run's own. Their Hydra record goes to
+    .hydra/<command>/ (hydra.output_subdir), so the training run's .hydra/ is left as it was."""
+    out, hydra_cfg = output_dir(), HydraConfig.get()
+    recorded = out / ".hydra" / "hydra.yaml"
+    if recorded.is_file():
+        other = OmegaConf.select(OmegaConf.load(recorded), "hydra.job.name")
+        if other != hydra_cfg.job.name:
+            raise ValueError(f"hydra.run.dir={out} holds a cgml-{other} run ({recorded}); cgml-{hydra_cfg.job.name} "
+                             f"would overwrite its files there. Give it a folder of its own, e.g. "
+                             f"hydra.run.dir={out / hydra_cfg.job.name}")
+    return out
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs metrics at (training batches that stepped), for pictures and final results to line
+    up with them: trainer.global_step counts optimizer steps, several per batch for cGML (Z's and each w-step)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 # ---- data and modules -------------------------------------------------------------------------------------------

@@ -372,6 +372,20 @@ def test_eval_from_checkpoint(toy_run, workdir):
     metrics = read_metrics(out)
     assert TOY_KEYS <= set(metrics)
     assert metrics["num_samples"] == 3 and metrics["sample_pool"] == 6
+    assert "ckpt_path" in (out / ".hydra" / "eval" / "config.yaml").read_text()    # its own record
+
+
+def test_eval_and_sample_refuse_a_training_runs_folder(toy_run, workdir):
+    """Pointed at the folder of a training run they would replace its metrics.json, samples.png and Hydra record:
+    refused, naming the run, with every file of the run as it was."""
+    before = {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()}
+    assert {"metrics.json", "samples.png", "config.yaml"} <= {p.name for p in before}
+    for command in ("cgml-eval", "cgml-sample"):
+        proc = run_cli(command, f"ckpt_path={toy_run / 'checkpoints' / 'last.ckpt'}", "num_samples=2",
+                       f"hydra.run.dir={toy_run}", cwd=workdir, check=False)
+        assert proc.returncode != 0
+        assert "holds a cgml-train run" in proc.stderr and f"hydra.run.dir={toy_run}/" in proc.stderr, proc.stderr
+    assert all(p.read_bytes() == data for p, data in before.items())
 
 
 def test_sample_from_checkpoint(digits_run, workdir):

@@ -513,3 +513,37 @@ def test_inference_steps_of_older_checkpoints_become_sample_steps(toy_dm):
     with pytest.warns(FutureWarning, match="sample_steps"):
         module = CGMLModule(toy_dm.info(), MLP_NET, latent_dim=4, inference_steps=2)
     assert module.hparams.sample_steps == 2 and "inference_steps" not in module.hparams
+
+
+def test_sample_pictures_are_logged_at_the_step_of_the_metrics(toy_dm, tmp_path, monkeypatch):
+    """Lightning logs metrics at the count of training batches; a cGML batch makes several optimizer steps (Z's and
+    each w-step), so pictures logged at trainer.global_step would sit apart from the metrics of their epoch."""
+    from lightning.pytorch.loggers import Logger
+
+    from cgml_lightning import callbacks
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def __init__(self):
+            super().__init__()
+            self.steps: dict[str, list[int]] = {}
+
+        def log_metrics(self, metrics, step=None):
+            for key in metrics:
+                self.steps.setdefault(key, []).append(step)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    pictures: list[int] = []
+    monkeypatch.setattr(callbacks, "log_picture", lambda loggers, key, path, caption, step: pictures.append(step))
+    recorder = Recorder()
+    module = CGMLModule(toy_dm.info(), MLP_NET, **SMALL, w_steps=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=recorder, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callbacks.SampleGrid(str(tmp_path), num_inputs=2)])
+    trainer.fit(module, datamodule=toy_dm)
+    assert trainer.global_step == 2 * 3 * 3                  # 3 batches x (Z + 2 w-steps) per epoch
+    # validation (and so the picture) comes before Lightning counts the epoch's last batch
+    assert pictures == recorder.steps["val/best_of_n_distance"] == [2, 5]

@@ -6,13 +6,14 @@ from omegaconf import DictConfig
 
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
-from cgml_lightning.runs import (CONFIG_PATH, build_loggers, load_for_inference, log_results, output_dir, plain,
-                                 run_record, task, weights_in_use)
+from cgml_lightning.runs import (CONFIG_PATH, build_loggers, check_output_dir, load_for_inference, log_results,
+                                 plain, run_record, task, weights_in_use)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
     from cgml_lightning.evaluation.feature_nets import build_eval_nets
 
+    out = check_output_dir()
     module, dm = load_for_inference(cfg)
     loggers = build_loggers(cfg)
     with task(loggers):
@@ -21,7 +22,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         nets = build_eval_nets(dm, **plain(cfg.feature_net), device=module.device) if cfg.get("feature_net") else None
         metrics = evaluate(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed, nets, cfg.get("sample_pool"))
         metrics["weights"] = weights_in_use(module)
-        write_json(output_dir() / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
         log_results(loggers, metrics)
     return metrics
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from cgml_lightning.files import atomic_path, save_image
 from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
-from cgml_lightning.runs import CONFIG_PATH, checkpoint_datamodule, inference_module, output_dir
+from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
                                         input_channels, load_hint, load_images, load_mask, task_degradation)
 
@@ -62,7 +62,7 @@ def run_sample(cfg: DictConfig) -> Path:
     """samples.png (input | N samples | the image given, or the truth) and samples.pt (x, samples, y, files, hint)."""
     module = inference_module(cfg)
     inputs, dm = sample_inputs(cfg, module)
-    out = output_dir()
+    out = check_output_dir()
     kwargs = {k: cfg[k] for k in ("steps", "guide_steps", "guide_lr") if cfg.get(k) is not None}
     payload: dict[str, Any] = {"x": inputs.x, "files": inputs.files}
     if cfg.get("hint"):

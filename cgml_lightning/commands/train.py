@@ -14,8 +14,8 @@ from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_resume,
-                                 log_picture, log_results, optimized_value, output_dir, resume_path, run_record, task,
-                                 weights_in_use)
+                                 log_picture, log_results, logged_step, optimized_value, output_dir, resume_path,
+                                 run_record, task, weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -52,8 +52,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
             metrics["weights"] = weights_in_use(module)
             write_json(out / "metrics.json", metrics)
             picture = save_samples_png(module, datamodule, out / "samples.png", seed=cfg.eval.seed)
-            log_results(loggers, metrics, trainer.global_step)
-            log_picture(loggers, "test/samples", picture, sample_caption(datamodule, 8), trainer.global_step)
+            log_results(loggers, metrics, logged_step(trainer))
+            log_picture(loggers, "test/samples", picture, sample_caption(datamodule, 8), logged_step(trainer))
         return metrics
 
 
