@@ -34,24 +34,34 @@ def output_dir() -> Path:
 
 
 def check_output_dir() -> Path:
-    """The run's output folder, refused where it holds another command's run: cgml-eval and cgml-sample write
-    metrics.json / samples.png there, which would replace a training run's own. Their Hydra record goes to
-    .hydra/<command>/ (hydra.output_subdir), so the training run's .hydra/ is left as it was."""
+    """The run's output folder, refused where it holds another command's run: cgml-train and cgml-eval both write
+    metrics.json, cgml-train and cgml-sample samples.png. Every command but cgml-train keeps its Hydra record in
+    .hydra/<command>/ (hydra.output_subdir), so that Hydra, which writes it before any command runs, never replaces
+    a training run's .hydra/. A refused run takes its record back, so that it never counts as the folder's run, and
+    leaves only its log file there."""
     out, hydra_cfg = output_dir(), HydraConfig.get()
-    recorded = out / ".hydra" / "hydra.yaml"
-    if recorded.is_file():
-        other = OmegaConf.select(OmegaConf.load(recorded), "hydra.job.name")
-        if other != hydra_cfg.job.name:
-            raise ValueError(f"hydra.run.dir={out} holds a cgml-{other} run ({recorded}); cgml-{hydra_cfg.job.name} "
-                             f"would overwrite its files there. Give it a folder of its own, e.g. "
-                             f"hydra.run.dir={out / hydra_cfg.job.name}")
+    ours = hydra_cfg.job.config_name
+    for record in sorted((out / ".hydra").glob("**/hydra.yaml")):
+        job = OmegaConf.load(record).hydra.job
+        other = job.get("config_name") or job.get("name")       # the config its command composed: train, eval, ...
+        if other != ours:
+            if hydra_cfg.output_subdir is not None:
+                own = out / hydra_cfg.output_subdir
+                for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):   # what Hydra wrote for this run
+                    (own / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    own.rmdir()                                                  # where nothing else is in it
+            multirun = hydra_cfg.mode == RunMode.MULTIRUN
+            key = f"hydra.sweep.dir={Path(hydra_cfg.sweep.dir) / ours}" if multirun else f"hydra.run.dir={out / ours}"
+            raise ValueError(f"{out} holds a cgml-{other} run ({record}); cgml-{ours} would mix its files with that "
+                             f"run's or replace them. Give it a folder of its own, e.g. {key}")
     return out
 
 
 def logged_step(trainer: L.Trainer) -> int:
     """The step Lightning logs metrics at (training batches that stepped), for pictures and final results to line
     up with them: trainer.global_step counts optimizer steps, several per batch for cGML (Z's and each w-step)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
 # ---- data and modules -------------------------------------------------------------------------------------------

@@ -386,6 +386,45 @@ def test_eval_and_sample_refuse_a_training_runs_folder(toy_run, workdir):
         assert proc.returncode != 0
         assert "holds a cgml-train run" in proc.stderr and f"hydra.run.dir={toy_run}/" in proc.stderr, proc.stderr
     assert all(p.read_bytes() == data for p, data in before.items())
+    added = {str(p.relative_to(toy_run)) for p in toy_run.rglob("*") if p.is_file() and p not in before}
+    assert added <= {"eval.log", "sample.log"}                        # their Hydra records taken back
+
+
+def test_every_command_keeps_to_a_folder_of_its_own(compose_train, tmp_path):
+    """A folder is its first command's: the same command may run there again (resume, a second evaluation); another
+    is refused, naming the key that gives it a folder of its own, also for a record that holds job.name only."""
+    from cgml_lightning.runs import check_output_dir
+
+    def job(name: str, out: Path, *overrides: str) -> None:                # (compose_train holds Hydra initialised)
+        cfg = compose(name, overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(out)
+        HydraConfig().set_config(cfg)
+
+    train_run, eval_run = tmp_path / "train_run", tmp_path / "eval_run"
+    (train_run / ".hydra").mkdir(parents=True)
+    (train_run / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: train\n")
+    (eval_run / ".hydra" / "eval").mkdir(parents=True)
+    (eval_run / ".hydra" / "eval" / "hydra.yaml").write_text("hydra:\n  job:\n    config_name: eval\n")
+    job("train", train_run)
+    assert check_output_dir() == train_run
+    job("eval", eval_run, "ckpt_path=x")
+    assert check_output_dir() == eval_run
+    job("eval", train_run, "ckpt_path=x")
+    (train_run / ".hydra" / "eval").mkdir()                           # as Hydra writes it before the command runs
+    (train_run / ".hydra" / "eval" / "hydra.yaml").write_text("hydra:\n  job:\n    config_name: eval\n")
+    with pytest.raises(ValueError, match=f"holds a cgml-train run.*hydra.run.dir={train_run / 'eval'}"):
+        check_output_dir()
+    assert not (train_run / ".hydra" / "eval").exists()              # taken back: the folder stays the run's
+    job("train", train_run)
+    assert check_output_dir() == train_run
+    job("train", eval_run)
+    with pytest.raises(ValueError, match=f"holds a cgml-eval run.*hydra.run.dir={eval_run / 'train'}"):
+        check_output_dir()
+    job("bench", train_run, "hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    with pytest.raises(ValueError, match=f"hydra.sweep.dir={tmp_path / 'sweep' / 'bench'}"):
+        check_output_dir()
+    HydraConfig.instance().cfg = None                                 # no job config left for later tests
 
 
 def test_sample_from_checkpoint(digits_run, workdir):

@@ -23,8 +23,8 @@ from cgml_lightning.evaluation.feature_nets import build_eval_nets
 from cgml_lightning.evaluation.probe import linear_probe
 from cgml_lightning.files import save_image, write_json, write_text
 from cgml_lightning.plots import models_grid
-from cgml_lightning.runs import (CONFIG_PATH, build_loggers, is_wandb, log_picture, log_results, output_dir, plain,
-                                 run_record, task)
+from cgml_lightning.runs import (CONFIG_PATH, build_loggers, check_output_dir, is_wandb, log_picture, log_results,
+                                 plain, run_record, task)
 from cgml_lightning.timing import samples_per_second
 
 log = logging.getLogger("cgml_lightning")
@@ -34,7 +34,7 @@ TABLE_KEYS = ("psnr_best_of_n", "psnr_mean", "ssim_best_of_n", "diversity", "div
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
-    out, prof = output_dir(), cfg.profile
+    out, prof = check_output_dir(), cfg.profile
     if not cfg.models:
         raise ValueError("models: the bench needs at least one model")
     loggers = build_loggers(cfg)

@@ -13,8 +13,8 @@ from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
-from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_resume,
-                                 log_picture, log_results, logged_step, optimized_value, output_dir, resume_path,
+from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_output_dir,
+                                 check_resume, log_picture, log_results, logged_step, optimized_value, resume_path,
                                  run_record, task, weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
@@ -25,7 +25,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
     L.seed_everything(cfg.seed, workers=True)
-    out = output_dir()
+    out = check_output_dir()
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
