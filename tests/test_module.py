@@ -544,6 +544,6 @@ def test_sample_pictures_are_logged_at_the_step_of_the_metrics(toy_dm, tmp_path,
                         num_sanity_val_steps=0, logger=recorder, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callbacks.SampleGrid(str(tmp_path), num_inputs=2)])
     trainer.fit(module, datamodule=toy_dm)
-    assert trainer.global_step == 2 * 3 * 3                  # 3 batches x (Z + 2 w-steps) per epoch
+    assert trainer.global_step == 2 * 3 * 3                  # 2 epochs x 3 batches x (Z + 2 w-steps)
     # validation (and so the picture) comes before Lightning counts the epoch's last batch
     assert pictures == recorder.steps["val/best_of_n_distance"] == [2, 5]
