@@ -151,6 +151,16 @@ def load_checkpoint(ckpt_path: str) -> ConditionalModule:
     return ConditionalModule.load_from_checkpoint(ckpt_path, map_location="cpu")
 
 
+def load_with_data(ckpt_path: str) -> tuple[ConditionalModule, Any, DictConfig]:
+    """A checkpoint's module (on the CPU, averaged weights where it has them), cgml-eval's data for it and cgml-eval's
+    config, outside a Hydra run: for scripts and notebooks that study checkpoints."""
+    from hydra import compose, initialize_config_module
+    with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={ckpt_path}"])
+    module = load_checkpoint(ckpt_path)
+    return module, checkpoint_datamodule(cfg, module), cfg
+
+
 def load_for_inference(cfg: DictConfig):
     """The checkpoint's module (inference_module) and the data it was trained on unless cfg.data overrides it."""
     module = inference_module(cfg)

@@ -22,11 +22,9 @@ import contextlib
 
 import torch
 
-from cgml_lightning.evaluation import evaluate
+from cgml_lightning.evaluation import evaluate, first_inputs
 from cgml_lightning.evaluation.feature_nets import build_eval_nets
-from hydra import compose, initialize_config_module
-
-from cgml_lightning.runs import checkpoint_datamodule, load_checkpoint, plain
+from cgml_lightning.runs import load_with_data, plain
 
 
 def decomposition(module, datamodule, num_samples: int, num_inputs: int, seed: int) -> dict[str, float]:
@@ -34,16 +32,14 @@ def decomposition(module, datamodule, num_samples: int, num_inputs: int, seed: i
     generator = torch.Generator().manual_seed(seed)
     totals = {"mse_single": 0.0, "mse_of_mean": 0.0, "spread": 0.0}
     seen = 0
-    for batch in datamodule.test_dataloader():
-        x, y = batch["x"][: num_inputs - seen], batch["y"][: num_inputs - seen]
+    for batch in first_inputs(datamodule.test_dataloader(), num_inputs):
+        x, y = batch["x"], batch["y"]
         s = module.sample(x, num_samples, generator=generator).cpu()          # [B, N, C, H, W]
         mean = s.mean(1)
         totals["mse_single"] += (s - y[:, None]).pow(2).flatten(2).mean(-1).mean(1).sum().item()
         totals["mse_of_mean"] += (mean - y).pow(2).flatten(1).mean(-1).sum().item()
         totals["spread"] += (s - mean[:, None]).pow(2).flatten(2).mean(-1).mean(1).sum().item()
         seen += len(x)
-        if seen >= num_inputs:
-            break
     return {key: value / seen for key, value in totals.items()}
 
 
@@ -60,10 +56,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     nets = None
     for path in args.checkpoints:
-        with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
-            cfg = compose("eval", overrides=[f"ckpt_path={path}"])      # cgml-eval's data and feature nets
-        module = load_checkpoint(path)
-        datamodule = checkpoint_datamodule(cfg, module)
+        module, datamodule, cfg = load_with_data(path)                # cgml-eval's data and feature nets
         nets = nets or build_eval_nets(datamodule, **plain(cfg.feature_net))
         for weights in ("averaged", "live") if module.ema is not None else ("live",):
             with module.live_weights() if weights == "live" else contextlib.nullcontext():

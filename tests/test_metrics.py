@@ -373,3 +373,31 @@ def test_linear_probe_needs_labels(toy_dm):
     module = RegressorModule(data_info=toy_dm.info(), net={"name": "mlp", "width": 8, "depth": 1})
     with pytest.raises(ValueError, match="ToyDataModule has no class labels"):
         linear_probe(module, toy_dm, num_train=10, num_test=10)
+
+
+# ---- docs/headroom.py: the colour-offset oracle ------------------------------------------------------------------
+def test_headroom_oracle_moves_the_hole_by_its_mean_error():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("headroom", Path(__file__).parents[1] / "docs" / "headroom.py")
+    headroom = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headroom)
+    answer = torch.zeros(1, 2, 4, 4)
+    y = torch.zeros(1, 2, 4, 4)
+    y[..., :2], y[..., 2:] = 0.2, 0.6                             # left half 0.2, right half 0.6, both channels
+    y[:, 1] += 0.1                                                # channel 1 a little brighter
+    hole = torch.zeros(1, 1, 4, 4)
+    hole[..., 1:3, :] = 1                                         # rows 1-2 to fill
+    whole = headroom.oracle_offset(answer, y, hole, block=0)
+    torch.testing.assert_close(whole[0, :, 1, :], torch.tensor([[0.4] * 4, [0.5] * 4]))   # one offset per channel
+    assert whole[..., 0, :].abs().sum() == 0 and whole[..., 3, :].abs().sum() == 0          # visible pixels kept
+    halves = headroom.oracle_offset(answer, y, hole, block=2)     # 2x2 blocks: each half its own offset
+    torch.testing.assert_close(halves * hole, y * hole)
+    assert psnr(halves[:, None], y, weight=hole) > psnr(whole[:, None], y, weight=hole)
+    # borrowed offsets: with two inputs, each one's samples take the other's offset field, in its own hole
+    answers, ys, holes = torch.cat([answer, answer]), torch.cat([y, 1 - y]), torch.cat([hole, hole.flip(2)])
+    borrowed = headroom.borrowed_offsets(answers, ys, holes, 0, 3, torch.Generator().manual_seed(0))
+    assert borrowed.shape == (2, 3, 2, 4, 4)
+    fields = headroom.offset_field(answers, ys, holes, 0)
+    torch.testing.assert_close(borrowed[0], (answers[0] + holes[0] * fields[1]).expand(3, -1, -1, -1))
+    torch.testing.assert_close(borrowed[1], (answers[1] + holes[1] * fields[0]).expand(3, -1, -1, -1))

@@ -424,20 +424,17 @@ class FolderDataModule(SplitDataModule):
 
         def check(i: int):
             paths = [os.path.join(root, t.name(i)) for t in tables]
+            sizes: list[tuple[int, int]] = []
             try:
-                sizes = []
                 for p in paths:
-                    try:
-                        sizes.append(inspect_image(p))
-                    except ImageDataError:
-                        raise
-                    except UNREADABLE as err:
-                        return f"{p} ({type(err).__name__}: {err})"
+                    sizes.append(inspect_image(p))
                 return self.check_sample(paths, sizes)
-            except ImageDataError as err:
+            except ImageDataError as err:                    # a ValueError, so caught before UNREADABLE
                 if strict:
                     raise
                 return str(err)                              # names the file
+            except UNREADABLE as err:                        # only headers raise these: the file after those read
+                return f"{paths[len(sizes)]} ({type(err).__name__}: {err})"
 
         sizes = np.zeros((len(rows), 2), dtype=np.int64)
         kept = np.zeros(len(rows), dtype=bool)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from contextlib import closing
+from typing import Any
 
 import torch
 
@@ -21,6 +23,18 @@ from cgml_lightning.progress import track
 
 log = logging.getLogger(__name__)
 FID_REFERENCE = "test targets"       # what FID compares the samples with: the clean images of the evaluated inputs
+
+
+def first_inputs(batches: Iterable[dict[str, Any]], num_inputs: int) -> Iterator[dict[str, Any]]:
+    """The batches cut to their first num_inputs inputs (every tensor of a batch sliced alike); no batch is drawn
+    after the last one needed."""
+    seen = 0
+    for batch in batches:
+        batch = {k: v[: num_inputs - seen] if torch.is_tensor(v) else v for k, v in batch.items()}
+        seen += len(batch["x"])
+        yield batch
+        if seen >= num_inputs:
+            return
 
 
 @torch.no_grad()
@@ -59,8 +73,8 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     description = f"evaluate: {num_samples} samples x {num_inputs} inputs" + (
         f" (medoids of {sample_pool} per input)" if sample_pool is not None else "")
     with closing(track(loader, description, total=num_batches(loader, num_inputs))) as batches:
-        for batch in batches:
-            x, y = batch["x"][: num_inputs - seen], batch["y"][: num_inputs - seen]
+        for batch in first_inputs(batches, num_inputs):
+            x, y = batch["x"], batch["y"]
             samples = module.sample(x, num_samples, generator=generator, pool=sample_pool)   # [B, N, ...] on the device
             flat = samples.flatten(0, 1)
             if fid is not None:
@@ -74,15 +88,13 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
                 on_device["diversity_lpips"] = lpips_diversity(samples, lpips)
             labelled = "label" in batch
             if classifier is not None and labelled:
-                truth = batch["label"][: len(x)].to(flat.device).repeat_interleave(num_samples)
+                truth = batch["label"].to(flat.device).repeat_interleave(num_samples)
                 correct += (classifier.predict(flat) == truth).sum().item()
             samples = samples.cpu()
             per_input = image_metrics(samples, y, hole=module.hole(x)) if image else vector_metrics(samples, y)
             for key, value in {**per_input, **on_device}.items():
                 totals[key] = totals.get(key, 0.0) + value.sum().item()
             seen += len(x)
-            if seen >= num_inputs:
-                break
     if seen == 0:
         raise ValueError(f"{type(datamodule).__name__}: the test split is empty, so there is nothing to evaluate "
                          f"(raise data.test_fraction or add data)")

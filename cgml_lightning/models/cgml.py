@@ -140,7 +140,8 @@ class CGMLModule(ConditionalModule):
     # ---- the phases (each touches only its own parameters) --------------------------------------------------
     def initial_latents(self, feats: tuple[Tensor, ...], y: Tensor, x: Tensor, index: Tensor,
                         generator: torch.Generator | None = None) -> Tensor:
-        """z_0 per input: the best of M fresh sphere points and the table's warm start (mode-consistent starts)."""
+        """z_0 per input (mode-consistent starts): the best of M fresh sphere points and the table's warm start, which
+        one more fresh point replaces with probability restart_prob (always, at the default 1)."""
         hp, b = self.hparams, len(y)
         sphere = lambda *shape: A.sphere_sample(*shape, dim=hp.latent_dim, generator=generator).to(y)  # noqa: E731
         warm = self.latents[index]                                                      # [B, d]
