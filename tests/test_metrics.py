@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cgml_lightning.data import DigitsDataModule, ToyDataModule
-from cgml_lightning.evaluation import evaluate
+from cgml_lightning.evaluation import evaluate, first_inputs
 from cgml_lightning.evaluation.feature_nets import (InceptionFeatures, build_eval_nets, has_labels, inception_weights,
                                                     load_or_train_classifier, train_classifier)
 from cgml_lightning.evaluation.metrics import (fid_metric, image_metrics, mode_metrics, mode_tolerance,
@@ -401,3 +401,13 @@ def test_headroom_oracle_moves_the_hole_by_its_mean_error():
     fields = headroom.offset_field(answers, ys, holes, 0)
     torch.testing.assert_close(borrowed[0], (answers[0] + holes[0] * fields[1]).expand(3, -1, -1, -1))
     torch.testing.assert_close(borrowed[1], (answers[1] + holes[1] * fields[0]).expand(3, -1, -1, -1))
+
+
+def test_first_inputs_cuts_the_batches_and_draws_no_more():
+    def batches():
+        for start in (0, 3):
+            yield {"x": torch.arange(start, start + 3), "label": torch.arange(start, start + 3) * 10, "name": "b"}
+        raise AssertionError("a batch drawn after the last one needed")
+    got = list(first_inputs(batches(), 5))
+    assert [b["x"].tolist() for b in got] == [[0, 1, 2], [3, 4]]
+    assert got[1]["label"].tolist() == [30, 40] and got[1]["name"] == "b"          # every tensor sliced alike
