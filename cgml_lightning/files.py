@@ -56,14 +56,19 @@ def read_checkpoint_bytes(path: str | Path) -> tuple[dict[str, Any], bytes]:
     """The checkpoint dict (loaded with weights_only=True) and the file's bytes; every problem is a ValueError
     (FileNotFoundError for a missing file) naming the file and the cause."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path.resolve()}: a folder, not a checkpoint file; give a checkpoint in it, e.g. "
+                                f"{path / 'checkpoints' / 'last.ckpt'} for a cgml-train run")
     if not path.is_file():
         raise FileNotFoundError(f"{path.resolve()}: no such checkpoint")
     data = path.read_bytes()
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: holds objects a weights-only load refuses, so it was not made by "
-                         f"cgml-lightning (nothing in it was run): {err}") from err
+        # torch's own text suggests loading without weights_only, which would run the file's code: not passed on
+        raise ValueError(f"{path}: not a cgml-lightning checkpoint: it holds objects that a weights-only load "
+                         "refuses (pickled code or classes, or bytes that are not a pickle). Nothing in it was run, "
+                         "and it is not loaded") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as err:
         # what torch's loaders raise on a file they cannot parse (the legacy one: KeyError, IndexError)
         raise ValueError(f"{path}: not a readable checkpoint (truncated, or not a file torch.save wrote): "

@@ -13,9 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cgml_lightning.data.degradations import TASK_SETTINGS
 from cgml_lightning.files import newest_checkpoint, read_checkpoint
 from cgml_lightning.instantiate import datamodule_from_record, instantiate
 from cgml_lightning.models import ConditionalModule
@@ -56,6 +58,28 @@ def check_output_dir() -> Path:
             raise ValueError(f"{out} holds a cgml-{other} run ({record}); cgml-{ours} would mix its files with that "
                              f"run's or replace them. Give it a folder of its own, e.g. {key}")
     return out
+
+
+def check_fresh_training_folder(out: Path) -> None:
+    """A fresh cgml-train run (no ckpt_path) refuses a folder that holds a training run's checkpoints: it would
+    replace that run's last.ckpt, metrics.json and samples.png with its own."""
+    found = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"{out} holds a training run's checkpoints ({shown}); a fresh cgml-train there would replace "
+                         f"them. Resume that run with ckpt_path=last, fine-tune from it with "
+                         f"init_from={out / 'checkpoints' / 'last.ckpt'} into a new hydra.run.dir, or train into a "
+                         f"new hydra.run.dir")
+
+
+class TrainingFolderGuard(Callback):
+    """cgml-train's Hydra callback: check_fresh_training_folder before Hydra writes the run's record (.hydra/) into
+    the folder, so that a refused run leaves the earlier run's record as it was. Hydra records a multirun's jobs
+    before any callback sees them; run_train checks those itself."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("ckpt_path") is None:
+            check_fresh_training_folder(Path(config.hydra.run.dir))
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -190,11 +214,24 @@ def inference_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def warn_degradation_changes(given: dict[str, Any], trained: dict[str, Any]) -> None:
+    """data=... on the command line takes its group's defaults for every key it does not set: name the degradation
+    settings (the task's, data.task itself) that then differ from the ones the checkpoint trained with."""
+    task = trained.get("task")
+    keys = ("task", *TASK_SETTINGS.get(task, ())) if task in TASK_SETTINGS else ()
+    changed = [f"data.{k}={given[k]} (trained with {trained[k]})" for k in keys
+               if k in given and k in trained and given[k] != trained[k]]
+    if changed:
+        log.warning("data=... degrades the inputs unlike training: %s; set those keys to evaluate as trained",
+                    ", ".join(changed))
+
+
 def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     """data=... from the command line (through the registry), else the checkpoint's recorded data config, rebuilt
     by datamodule name (a stored `_target_` is never instantiated)."""
     if cfg.get("data"):
         dm, source = instantiate(cfg.data), "data=... on the command line"
+        warn_degradation_changes(plain(cfg.data), module.data_info.get("data") or {})
     elif module.data_info.get("data"):
         dm = datamodule_from_record(module.data_info["data"], f"{cfg.ckpt_path}")
         source = "the checkpoint's data config"

@@ -104,6 +104,10 @@ def fit_size(img: Image.Image, path: Path, size: tuple[int, int], crop: bool, ke
     return img.resize((w, h), resample)
 
 
+class UnreadableImageError(ImageDataError):
+    """A user's file that cannot be decoded as an image (corrupt, truncated, empty, not an image)."""
+
+
 def open_checked(path: Path, key: str, mode: str) -> Image.Image:
     """Decode a user's file (PIL mode L, RGB, LA or RGBA); errors name the key and the file."""
     if not path.is_file():
@@ -115,7 +119,7 @@ def open_checked(path: Path, key: str, mode: str) -> Image.Image:
             img.load()
             return img.convert(mode)
     except UNREADABLE as err:
-        raise ImageDataError(f"{key}: cannot read {path} as an image ({type(err).__name__}: {err})") from err
+        raise UnreadableImageError(f"{key}: cannot read {path} as an image ({type(err).__name__}: {err})") from err
 
 
 def image_files(source: str | Path, key: str = "input") -> list[Path]:
@@ -128,6 +132,25 @@ def image_files(source: str | Path, key: str = "input") -> list[Path]:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ImageDataError(f"{key}: {path} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
     return [path]
+
+
+def readable_images(files: list[Path], count: int, key: str = "input") -> list[Path]:
+    """The first `count` of a folder's files that decode, in order; the others skipped with one warning naming them,
+    as training skips them. An error when none decodes."""
+    kept, skipped = [], []
+    for path in files:
+        if len(kept) == count:
+            break
+        try:
+            open_checked(path, key, "L")
+            kept.append(path)
+        except UnreadableImageError as err:
+            skipped.append(str(err))
+    if skipped:
+        log.warning("%s: skipping %d unreadable image(s):\n  %s", key, len(skipped), "\n  ".join(skipped))
+    if not kept:
+        raise UnreadableImageError(f"{key}: none of the {len(files)} image file(s) given could be read")
+    return kept
 
 
 def load_images(files: list[Path], channels: int, size: tuple[int, int], crop: bool = False,

@@ -390,6 +390,24 @@ def test_eval_and_sample_refuse_a_training_runs_folder(toy_run, workdir):
     assert added <= {"eval.log", "sample.log"}                        # their Hydra records taken back
 
 
+def test_a_fresh_training_run_refuses_a_training_runs_folder(toy_run, workdir, tmp_path):
+    """cgml-train again into a training run's folder, without ckpt_path, would replace its checkpoints, metrics.json
+    and Hydra record: refused before Hydra writes anything there, every file as it was; run_train's own check (for
+    multirun jobs, which Hydra records before any callback) refuses the same and lets an empty folder through."""
+    from cgml_lightning.runs import check_fresh_training_folder
+
+    before = {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()}
+    proc = run_cli("cgml-train", "experiment=toy", "debug=fdr", f"hydra.run.dir={toy_run}", cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert "holds a training run's checkpoints (last.ckpt" in proc.stderr and "ckpt_path=last" in proc.stderr, \
+        proc.stderr
+    assert {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()} == before
+    with pytest.raises(ValueError, match="holds a training run's checkpoints"):
+        check_fresh_training_folder(toy_run)
+    (tmp_path / "checkpoints").mkdir()
+    check_fresh_training_folder(tmp_path)
+
+
 def test_every_command_keeps_to_a_folder_of_its_own(compose_train, tmp_path):
     """A folder is its first command's: the same command may run there again (resume, a second evaluation); another
     is refused, naming the key that gives it a folder of its own, also for a record that holds job.name only."""
@@ -635,3 +653,21 @@ def test_sample_errors_name_the_file(digits_run, toy_run, workdir):
         run_sample(sample_cfg(ckpt_path=str(digits_ckpt), mask=str(workdir / "no_mask.png")))
     with pytest.raises(ValueError, match="input= takes images.*vector data"):
         run_sample(sample_cfg(ckpt_path=str(toy_ckpt), input=str(wide)))
+
+
+def test_data_given_for_evaluation_names_the_degradation_it_changes(caplog):
+    """data=... takes its group's defaults for the keys it does not set: the task's settings that then differ from
+    training are named (not the folder, the loader or other tasks' keys)."""
+    from cgml_lightning.runs import warn_degradation_changes
+
+    trained = {"task": "completion", "mask": "mixed", "mask_size": 0.3, "root": "/a", "noise_sigma": 0.1}
+    given = {"task": "completion", "mask": "box", "mask_size": 0.5, "root": "/b", "noise_sigma": 0.2, "batch_size": 8}
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        warn_degradation_changes(given, trained)
+    assert "data.mask=box (trained with mixed)" in caplog.text
+    assert "data.mask_size=0.5 (trained with 0.3)" in caplog.text
+    assert "root" not in caplog.text and "noise_sigma" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        warn_degradation_changes({**given, "mask": "mixed", "mask_size": 0.3}, trained)
+    assert caplog.text == ""

@@ -381,6 +381,12 @@ def test_checkpoint_errors_name_the_file(toy_ckpt, tmp_path):
         (tmp_path / name).write_bytes(data)                 # torch's legacy loader: IndexError, KeyError
         with pytest.raises(ValueError, match=rf"{name}: not a readable checkpoint"):
             read_checkpoint(tmp_path / name)
+    with pytest.raises(IsADirectoryError, match=rf"a folder, not a checkpoint file.*{tmp_path / 'checkpoints'}"):
+        read_checkpoint(tmp_path)                           # a run's folder given for its checkpoint
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "image.png")
+    with pytest.raises(ValueError, match=r"image\.png: not a cgml-lightning checkpoint") as err:
+        read_checkpoint(tmp_path / "image.png")            # a weights-only load refuses it, as an unpickler error
+    assert "weights_only" not in str(err.value)            # torch's advice to load it without the guard: not passed on
 
 
 def test_a_regressor_checkpoint_names_the_class_to_use(tmp_path):

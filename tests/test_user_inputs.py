@@ -16,7 +16,8 @@ from cgml_lightning.data.degradations import Degradation, to_grayscale
 from cgml_lightning.data.folders import ImageDataError
 from cgml_lightning.runs import load_checkpoint
 from cgml_lightning.user_inputs import (build_inputs, check_image_model, hint_guide, image_files, input_channels,
-                                        load_hint, load_images, load_mask, task_degradation)
+                                        load_hint, load_images, load_mask, readable_images,
+                                        task_degradation)
 
 DIGITS_INFO = {"kind": "image", "x_shape": [2, 8, 8], "y_shape": [1, 8, 8], "mask_channel": True,
                "data": {"_target_": "cgml_lightning.data.DigitsDataModule", "mask_side": "bottom"}}
@@ -140,6 +141,20 @@ def test_missing_and_unreadable_files_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         image_files(empty)
+
+
+def test_a_folders_unreadable_files_are_skipped_and_named(tmp_path, caplog):
+    a, c, d = (save(tmp_path / name, gradient(8, 8)) for name in ("a.png", "c.png", "d.png"))
+    (tmp_path / "b.png").write_bytes(b"")                                  # an empty file, as a failed copy leaves
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        assert readable_images(image_files(tmp_path), 2) == [a, c]
+    assert "b.png" in caplog.text and "skipping 1 unreadable" in caplog.text
+    assert readable_images(image_files(tmp_path), 10) == [a, c, d]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ImageDataError, match="none of the 1 image"):
+        readable_images(image_files(broken), 5)
 
 
 def test_folder_is_read_recursively_in_sorted_order(tmp_path):

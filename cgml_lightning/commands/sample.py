@@ -16,7 +16,8 @@ from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
 from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
-                                        input_channels, load_hint, load_images, load_mask, task_degradation)
+                                        input_channels, load_hint, load_images, load_mask, readable_images,
+                                        task_degradation)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -40,7 +41,9 @@ def sample_inputs(cfg: DictConfig, module: ConditionalModule) -> tuple[UserInput
     if len(files) > cfg.num_inputs:
         log.warning("input: sampling the first %d of %d images under %s (num_inputs=%d; raise it for more)",
                     cfg.num_inputs, len(files), cfg.input, cfg.num_inputs)
-        files = files[: cfg.num_inputs]
+    if Path(cfg.input).expanduser().is_dir():                  # a folder's corrupt files are skipped, as in training
+        files = readable_images(files, cfg.num_inputs)
+    files = files[: cfg.num_inputs]
     images = load_images(files, input_channels(info, degradation, cfg.degrade), (height, width), cfg.crop)
     return build_inputs(info, degradation, images, [str(f) for f in files], mask, cfg.degrade, cfg.seed), None
 

@@ -13,9 +13,9 @@ from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
-from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_output_dir,
-                                 check_resume, log_picture, log_results, logged_step, optimized_value, resume_path,
-                                 run_record, task, weights_in_use)
+from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module,
+                                 check_fresh_training_folder, check_output_dir, check_resume, log_picture, log_results,
+                                 logged_step, optimized_value, resume_path, run_record, task, weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -26,6 +26,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
     L.seed_everything(cfg.seed, workers=True)
     out = check_output_dir()
+    if cfg.get("ckpt_path") is None:
+        check_fresh_training_folder(out)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
@@ -44,7 +46,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             logger.log_hyperparams(run_record(cfg, module))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")          # full state: resumable
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)   # full state: resumable
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
             metrics = evaluate(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)

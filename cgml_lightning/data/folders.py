@@ -18,6 +18,7 @@ cannot serve as a sample is an error naming it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from array import array
@@ -37,6 +38,7 @@ from cgml_lightning.data.base import SplitDataModule, draw_key, split_sizes
 from cgml_lightning.data.degradations import Degradation, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+log = logging.getLogger("cgml_lightning")
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)   # what PIL raises on a bad file
 EVAL_HEADERS_AT_SETUP = 1000     # a val or test split this small has its headers read at setup (well under 1 s)
 HEADER_THREADS = 8              # threads reading image headers at setup (file reads, mostly waiting on the disk)
@@ -494,6 +496,8 @@ class FolderDataModule(SplitDataModule):
             t.take(parts["train"]).update_hash(h)
         self.tables, self._fingerprint = tables, h.hexdigest()[:16]
         self.splits = {k: self.make_dataset(root, rows_, k) for k, rows_ in parts.items()}
+        log.info("%s: %d samples under %s: %d train, %d val, %d test (data.val_fraction, data.test_fraction)",
+                 type(self).__name__, n, root, *(len(parts[k]) for k in ("train", "val", "test")))
 
     def make_dataset(self, root: Path, rows: np.ndarray, split: str) -> ImageFileDataset:
         names = [t.take(rows) for t in self.tables]

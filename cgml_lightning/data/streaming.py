@@ -31,7 +31,7 @@ from typing import Any
 from cgml_lightning.data.base import SplitDataModule
 from cgml_lightning.data.degradations import Degradation
 from cgml_lightning.data.folders import (UNREADABLE, Augment, ImageBatch, ImageFolderDataModule,
-                                         PairedFolderDataModule, make_item, open_image, split_pair)
+                                         PairedFolderDataModule, check_root, make_item, open_image, split_pair)
 
 MANIFEST = "cgml.json"
 FORMAT = "cgml-streaming-1"
@@ -273,10 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--num-workers", type=int, default=1, help="litdata.optimize worker processes")
     c.add_argument("--chunk-bytes", default="64MB")
     args = parser.parse_args(argv)
+    try:
+        check_root(args.root, key="--root")
+    except OSError as err:                                      # no such folder, or a file: usage and the reason
+        parser.error(str(err))
     manifest = convert(args.root, args.out, args.paired, args.layout, args.val_fraction, args.test_fraction,
                        args.split_seed, args.max_images, args.num_workers, args.chunk_bytes)
+    experiment = "paired_translation" if args.paired else "folder_completion"          # or colorization, ..._128
     print(f"wrote {args.out}: {manifest['splits']} (train fingerprint {manifest['fingerprint']}); "
-          f"train with: cgml-train data=streaming data.input_dir={args.out}")
+          f"train with: cgml-train experiment={experiment} data=streaming data.input_dir={args.out}")
     return 0
 
 
