@@ -95,7 +95,7 @@ class PreemptionCheckpoint(L.Callback):
             signum = int(trainer.strategy.reduce(got, reduce_op="max").item())
         if not signum or self.preempted:
             return
-        trainer.save_checkpoint(self.path, weights_only=False)
+        trainer.save_checkpoint(self.path)
         self.preempted, self.received = signum, None
         if trainer.is_global_zero:
             print(f"[cgml] {signal.Signals(signum).name}: saved {self.path} at step {trainer.global_step}; "
@@ -112,7 +112,7 @@ class PreemptionCheckpoint(L.Callback):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, SIGTERMException) and not self.preempted:   # SIGTERM outside a training step
-            trainer.save_checkpoint(self.path, weights_only=False)
+            trainer.save_checkpoint(self.path)
             self.preempted = signal.SIGTERM
             if trainer.is_global_zero:
                 print(f"[cgml] SIGTERM: saved {self.path} at step {trainer.global_step}; resume with ckpt_path=last",

@@ -19,6 +19,7 @@ checkpoint's test split). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def headroom(module, datamodule, blocks: list[int], num_samples: int, num_inputs
     """Per block size (None: the answer itself): PSNR of the oracle, and best-of-N and mean PSNR of borrowed
     offsets; whole image and hole; averaged over the inputs."""
     generator = torch.Generator().manual_seed(seed)
-    totals: dict[tuple, float] = {}
+    totals: defaultdict[tuple, float] = defaultdict(float)
     seen = 0
     for batch in first_inputs(datamodule.test_dataloader(), num_inputs):
         x, y = batch["x"], batch["y"]
@@ -67,14 +68,19 @@ def headroom(module, datamodule, blocks: list[int], num_samples: int, num_inputs
         if hole is None:
             raise SystemExit("headroom.py measures completion checkpoints (a hole to fill); this one has none")
         answer = module.sample(x, num_samples, generator=generator).cpu().mean(1)      # [B, C, H, W]
-        for region, weight in (("image", None), ("hole", hole)):
-            add = lambda key, v: totals.__setitem__(key, totals.get(key, 0.0) + v.sum().item())  # noqa: E731
-            add((None, "answer", region), psnr(answer[:, None], y, weight=weight))
-            for block in blocks:
-                add((block, "oracle", region), psnr(oracle_offset(answer, y, hole, block)[:, None], y, weight=weight))
-                p = psnr(borrowed_offsets(answer, y, hole, block, num_samples, generator), y, weight=weight)
-                add((block, "best", region), p.amax(1))
-                add((block, "mean", region), p.mean(1))
+        # every block size's oracle and borrowed samples once, scored on the whole image and on the hole
+        candidates = {(None, "answer"): answer[:, None]}
+        for block in blocks:
+            candidates[block, "oracle"] = oracle_offset(answer, y, hole, block)[:, None]
+            candidates[block, "borrowed"] = borrowed_offsets(answer, y, hole, block, num_samples, generator)
+        for (block, kind), samples in candidates.items():
+            for region, weight in (("image", None), ("hole", hole)):
+                p = psnr(samples, y, weight=weight)                                    # [B, 1 or N]
+                if kind == "borrowed":
+                    totals[block, "best", region] += p.amax(1).sum().item()
+                    totals[block, "mean", region] += p.mean(1).sum().item()
+                else:
+                    totals[block, kind, region] += p[:, 0].sum().item()
         seen += len(x)
     return {key: value / seen for key, value in totals.items()}
 

@@ -46,7 +46,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             logger.log_hyperparams(run_record(cfg, module))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)   # full state: resumable
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")          # full state: resumable
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
             metrics = evaluate(module, datamodule, cfg.eval.num_samples, cfg.eval.num_inputs, cfg.eval.seed)

@@ -251,7 +251,7 @@ class CGMLModule(ConditionalModule):
         self.log("train/skipped_nonfinite", float(self.nonfinite_streak), batch_size=1)
         if self.nonfinite_streak >= self.hparams.max_nonfinite_batches:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite_stop.ckpt"
-            self.trainer.save_checkpoint(path, weights_only=False)
+            self.trainer.save_checkpoint(path)
             raise FloatingPointError(
                 f"{self.nonfinite_streak} batches in a row gave NaN/Inf losses, latents or gradients (last: batch "
                 f"{batch_idx}); saved {path}: the weights, latent table and optimizers after the last finite update "
