@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ from cgml_lightning.instantiate import datamodule_from_record, instantiate
 from cgml_lightning.models import ConditionalModule
 
 log = logging.getLogger("cgml_lightning")
+PACKAGE_DIR = Path(__file__).resolve().parent
+# what the package's own checks raise about a user's data, configs, files and runs
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeError)
 CONFIG_PATH = "pkg://cgml_lightning.conf"
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 
@@ -79,7 +84,8 @@ class TrainingFolderGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("ckpt_path") is None:
-            check_fresh_training_folder(Path(config.hydra.run.dir))
+            with user_errors(multirun=False):
+                check_fresh_training_folder(Path(config.hydra.run.dir))
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -341,6 +347,34 @@ def log_picture(loggers: list, key: str, path: Path, caption: str, step: int = 0
 
 
 # ---- the task wrapper -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def user_errors(multirun: bool | None = None) -> Iterator[None]:
+    """A single run that one of the package's checks refuses (USER_ERRORS raised in this package: a missing folder,
+    a bad key, a checkpoint of another task) ends with the message alone, on stderr and in the run's log file, and
+    exit status 1, instead of Hydra's traceback around it. Hydra's own report stays for multiruns (their sweepers
+    and launchers handle failed jobs), with HYDRA_FULL_ERROR=1, and for errors raised outside the package."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if multirun is None:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1" or not raised_in_package(err):
+            raise
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, str(err), None, None)
+        for handler in logging.getLogger().handlers:              # the console gets it once, on stderr
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        print(f"Error: {err}\n(set HYDRA_FULL_ERROR=1 to see where it was raised)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def raised_in_package(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 @contextlib.contextmanager
 def task(loggers: list) -> Iterator[None]:
     """Ends every run the same way: a stop on a signal (Lightning's SIGTERM stop, or the preemption callback's after

@@ -360,9 +360,34 @@ def test_train_bad_npz_fails_fast(workdir):
     run_dir = workdir / "bad_run"
     proc = run_cli("cgml-train", "experiment=toy", "data=npz", f"data.path={bad}", "debug=limit",
                    f"hydra.run.dir={run_dir}", cwd=workdir, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert str(bad) in proc.stderr and "missing array 'y'" in proc.stderr, proc.stderr[-3000:]
+    assert "\nError: " in f"\n{proc.stderr}" and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "missing array 'y'" in (run_dir / "train.log").read_text()
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_user_errors_end_a_single_run_with_the_message_alone(tmp_path, monkeypatch, capsys):
+    """The package's checks end a single run with their message on stderr and exit status 1; errors raised outside
+    the package, errors that are no check's, multiruns and HYDRA_FULL_ERROR=1 keep Hydra's report."""
+    from cgml_lightning.data.folders import check_root
+    from cgml_lightning.runs import user_errors
+
+    missing = tmp_path / "missing"
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop, user_errors(multirun=False):
+        check_root(missing)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith(f"Error: data.root: no such folder: {missing}\n")
+    with pytest.raises(ValueError, match="batch_size"), user_errors(multirun=False):
+        torch.utils.data.DataLoader([], batch_size=-3)                   # torch's own error: Hydra reports it
+    with pytest.raises(TypeError), user_errors(multirun=False):
+        check_root(3)                                                     # a bug's error, not a check's
+    with pytest.raises(FileNotFoundError), user_errors(multirun=True):
+        check_root(missing)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(FileNotFoundError), user_errors(multirun=False):
+        check_root(missing)
 
 
 def test_eval_from_checkpoint(toy_run, workdir):

@@ -24,7 +24,7 @@ from cgml_lightning.evaluation.probe import linear_probe
 from cgml_lightning.files import save_image, write_json, write_text
 from cgml_lightning.plots import models_grid
 from cgml_lightning.runs import (CONFIG_PATH, build_loggers, check_output_dir, is_wandb, log_picture, log_results,
-                                 plain, run_record, task)
+                                 plain, run_record, task, user_errors)
 from cgml_lightning.timing import samples_per_second
 
 log = logging.getLogger("cgml_lightning")
@@ -153,7 +153,8 @@ def score(module, datamodule, prof, seed: int, nets, stage: str) -> dict[str, An
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
 def main(cfg: DictConfig) -> None:
-    run_bench(cfg)
+    with user_errors():
+        run_bench(cfg)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
 from cgml_lightning.runs import (CONFIG_PATH, build_loggers, check_output_dir, load_for_inference, log_results,
-                                 plain, run_record, task, weights_in_use)
+                                 plain, run_record, task, user_errors, weights_in_use)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
@@ -29,7 +29,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_eval(cfg)
+    with user_errors():
+        run_eval(cfg)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch import Tensor
 from cgml_lightning.files import atomic_path, save_image
 from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
-from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module
+from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module, user_errors
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
                                         input_channels, load_hint, load_images, load_mask, readable_images,
                                         task_degradation)
@@ -90,7 +90,8 @@ def run_sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    run_sample(cfg)
+    with user_errors():
+        run_sample(cfg)
 
 
 if __name__ == "__main__":

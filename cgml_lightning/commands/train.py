@@ -15,7 +15,8 @@ from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module,
                                  check_fresh_training_folder, check_output_dir, check_resume, log_picture, log_results,
-                                 logged_step, optimized_value, resume_path, run_record, task, weights_in_use)
+                                 logged_step, optimized_value, resume_path, run_record, task, user_errors,
+                                 weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -67,8 +68,9 @@ def sample_caption(datamodule, num_samples: int) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_train(cfg)
-    return optimized_value(cfg, metrics) if metrics else None
+    with user_errors():
+        metrics = run_train(cfg)
+        return optimized_value(cfg, metrics) if metrics else None
 
 
 if __name__ == "__main__":
