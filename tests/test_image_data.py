@@ -19,6 +19,7 @@ from PIL import Image
 from cgml_lightning.data import FashionMNISTDataModule, ImageFolderDataModule, PairedFolderDataModule
 from cgml_lightning.data import fashion_mnist
 from cgml_lightning.data.degradations import sample_seed, stroke_mask
+from cgml_lightning.data.folders import ImageDataError
 from cgml_lightning.data.fashion_mnist import find_files, read_idx
 from cgml_lightning.instantiate import instantiate
 
@@ -134,6 +135,24 @@ def test_image_folder_tasks(rgb_tree, task, x_channels):
     assert train["x"].shape[1:] == (x_channels, 16, 16) and train["y"].shape[1:] == (3, 16, 16)
     assert train["x"].min() >= 0 and train["x"].max() <= 1 and not dm.info()["mask_channel"]
     assert dm.info()["x_shape"] == [x_channels, 16, 16]
+
+
+def test_colorization_checks_that_the_images_have_colour(tmp_path):
+    """Grey files (grey modes, or RGB with equal channels) among colour ones are named in a warning; a folder of
+    grey images only is refused for colorization, and is fine for other tasks."""
+    mixed = tmp_path / "mixed"
+    write_images(mixed, 6)
+    write_images(mixed, 2, mode="L", seed=1)
+    grey_jpeg = mixed / "grey_in_rgb.jpg"
+    Image.fromarray(pixels(7, (20, 16), 1)).convert("RGB").save(grey_jpeg)
+    with pytest.warns(UserWarning, match=r"3 of 9 images checked under .* are grey") as caught:
+        make(ImageFolderDataModule, mixed, image_size=16, task="colorization")
+    assert str(grey_jpeg) in str(caught[0].message) and "img_0_" not in str(caught[0].message)
+    grey = tmp_path / "grey"
+    write_images(grey, 5, mode="L")
+    with pytest.raises(ImageDataError, match=r"colorization learns colours .* all 5 images checked under .* grey"):
+        make(ImageFolderDataModule, grey, image_size=16, task="colorization")
+    make(ImageFolderDataModule, grey, image_size=16, task="completion")
 
 
 def test_image_folder_max_images(rgb_tree):

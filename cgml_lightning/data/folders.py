@@ -42,6 +42,8 @@ log = logging.getLogger("cgml_lightning")
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)   # what PIL raises on a bad file
 EVAL_HEADERS_AT_SETUP = 1000     # a val or test split this small has its headers read at setup (well under 1 s)
 HEADER_THREADS = 8              # threads reading image headers at setup (file reads, mostly waiting on the disk)
+COLOUR_CHECKS = 64              # images spread over a colorization set, decoded small at setup to check for colour
+GREY_TOLERANCE = 3              # an image is grey where its channels differ by at most this (JPEG's chroma noise)
 AUGMENT_STREAM = 3              # augmentations draw from their own stream of the draw's seed
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")   # where PIL finds an orientation (EXIF, or XMP alone)
@@ -191,6 +193,38 @@ def inspect_image(path: str | Path) -> tuple[int, int]:
             if img.convert("RGBA").getchannel("A").getextrema()[1] == 0:
                 raise ImageDataError(f"{path}: fully transparent (alpha 0 everywhere): no visible pixels")
     return w, h
+
+
+def is_grey(path: str | Path) -> bool | None:
+    """Whether an image holds no colour: a grey mode, or channels equal within GREY_TOLERANCE, decoded at most
+    64 px wide (JPEG decodes at a reduced scale). None for a file that cannot be read."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("1", "L", "LA", "I", "F") or img.mode.startswith("I;16"):
+                return True
+            img.thumbnail((64, 64))
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    except UNREADABLE:
+        return None
+    return int(np.abs(rgb - rgb[..., :1]).max()) <= GREY_TOLERANCE
+
+
+def check_colour(files: Sequence[Path], root: Path) -> None:
+    """Colorization learns colours from colour targets: an error when the COLOUR_CHECKS images spread over the set
+    are all grey, a warning naming the grey ones when some are."""
+    picks = np.unique(np.linspace(0, len(files) - 1, min(len(files), COLOUR_CHECKS)).round().astype(np.int64))
+    paths = [files[int(i)] for i in picks]
+    with ThreadPool(HEADER_THREADS) as pool:
+        found = pool.map(is_grey, paths)
+    grey = [str(path) for path, g in zip(paths, found) if g]
+    checked = sum(g is not None for g in found)
+    if grey and len(grey) == checked:
+        raise ImageDataError(f"data.task=colorization learns colours from colour images, but all {checked} images "
+                             f"checked under {root} are grey (e.g. {grey[0]}); give a folder of colour images")
+    if grey:
+        shown = "\n  ".join(grey[:10]) + (f"\n  ... and {len(grey) - 10} more" if len(grey) > 10 else "")
+        warnings.warn(f"{len(grey)} of {checked} images checked under {root} are grey: colorization trains toward "
+                      f"grey outputs on such images; remove them for colourful results:\n  {shown}", stacklevel=3)
 
 
 def open_image(path: Path, channels: int) -> Image.Image:
@@ -534,6 +568,13 @@ class ImageFolderDataModule(FolderDataModule):
 
     def list_samples(self, root: Path) -> tuple[FileTable, ...]:
         return (image_table(root),)
+
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.splits is None
+        super().setup(stage)
+        if fresh and self.degradation.task == "colorization":
+            files = self.files
+            check_colour(files, files.root)
 
     def shapes(self) -> tuple[list[int], list[int]]:
         w, h = self.size
