@@ -30,6 +30,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeError)
 CONFIG_PATH = "pkg://cgml_lightning.conf"
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
+SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction", "max_images", "max_train_samples", "path", "root",
+              "input_dir")                      # data keys that decide which samples a split holds
 
 
 def plain(cfg: Any) -> Any:
@@ -77,15 +79,32 @@ def check_fresh_training_folder(out: Path) -> None:
                          f"new hydra.run.dir")
 
 
+def check_fresh_sweep_folder(sweep_dir: Path) -> None:
+    """A fresh multirun refuses a hydra.sweep.dir whose job folders hold training runs' checkpoints: its jobs
+    would rewrite those runs' records (.hydra/, multirun.yaml) with settings that never trained them."""
+    found = sorted(str(p.parent.parent.relative_to(sweep_dir)) for p in sweep_dir.glob("**/checkpoints/*.ckpt"))
+    if found:
+        jobs = ", ".join(sorted(set(found))[:5]) + (", ..." if len(set(found)) > 5 else "")
+        raise ValueError(f"hydra.sweep.dir={sweep_dir} holds training runs' checkpoints (jobs {jobs}); a fresh "
+                         f"multirun there would rewrite their records. Resume its jobs with ckpt_path=last, or sweep "
+                         f"into a new hydra.sweep.dir")
+
+
 class TrainingFolderGuard(Callback):
     """cgml-train's Hydra callback: check_fresh_training_folder before Hydra writes the run's record (.hydra/) into
-    the folder, so that a refused run leaves the earlier run's record as it was. Hydra records a multirun's jobs
-    before any callback sees them; run_train checks those itself."""
+    the folder, so that a refused run leaves the earlier run's record as it was; for a multirun, every job folder
+    under hydra.sweep.dir before the sweep writes multirun.yaml and the jobs' records (run_train checks each job's
+    folder again, for folders a sweeper names otherwise)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("ckpt_path") is None:
             with user_errors(multirun=False):
                 check_fresh_training_folder(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("ckpt_path") is None:
+            with user_errors(multirun=False):
+                check_fresh_sweep_folder(Path(config.hydra.sweep.dir))
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -108,11 +127,11 @@ def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
 
 
 def recorded_data(data: DictConfig) -> dict[str, Any]:
-    """The data config as checkpoints record it, its local folders (data.root, data.input_dir) made absolute: an
-    evaluation started from another directory finds them. A value with a scheme (s3://..., litdata's local:...)
-    stays as given."""
+    """The data config as checkpoints record it, its local paths (data.root, data.input_dir, data.path,
+    data.data_dir) made absolute: an evaluation started from another directory finds them. A value with a scheme
+    (s3://..., litdata's local:...) stays as given."""
     record = plain(data)
-    for key in ("root", "input_dir"):
+    for key in ("root", "input_dir", "path", "data_dir"):
         value = record.get(key)
         if isinstance(value, str) and value not in ("", "???") and ":" not in value.split("/", 1)[0]:
             record[key] = str(Path(value).expanduser().absolute())
@@ -233,30 +252,43 @@ def warn_degradation_changes(given: dict[str, Any], trained: dict[str, Any]) -> 
 
 
 def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
-    """data=... from the command line (through the registry), else the checkpoint's recorded data config, rebuilt
-    by datamodule name (a stored `_target_` is never instantiated)."""
-    if cfg.get("data"):
+    """data=GROUP from the command line (through the registry); else the checkpoint's recorded data config, rebuilt
+    by datamodule name (a stored `_target_` is never instantiated), with any keys given as +data.KEY=VALUE in
+    place of the recorded ones (data that moved: +data.root=NEW)."""
+    given, recorded = plain(cfg.get("data")) or {}, module.data_info.get("data")
+    if "_target_" in given:
         dm, source = instantiate(cfg.data), "data=... on the command line"
-        warn_degradation_changes(plain(cfg.data), module.data_info.get("data") or {})
-    elif module.data_info.get("data"):
-        dm = datamodule_from_record(module.data_info["data"], f"{cfg.ckpt_path}")
-        source = "the checkpoint's data config"
+        warn_degradation_changes(given, recorded or {})
+    elif recorded:
+        dm = datamodule_from_record({**recorded, **given}, f"{cfg.ckpt_path}")
+        source = "the checkpoint's data config" + (f" with {', '.join(f'+data.{k}' for k in given)}" if given else "")
     else:
         raise ValueError(f"{cfg.ckpt_path}: the checkpoint records no data config; pass data=... on the command line")
     dm.prepare_data()
-    dm.setup("test")
+    try:
+        dm.setup("test")
+    except FileNotFoundError as err:
+        if "_target_" in given:
+            raise
+        raise FileNotFoundError(f"{err} ({source}). Data that moved: +data.root=NEW_FOLDER (or +data.path=, "
+                                f"+data.input_dir=); other data: data=GROUP with its keys; your own images "
+                                f"(cgml-sample): input=") from err
     trained, now = module.data_info, dm.info()
     shapes = {k: list(trained[k]) for k in ("x_shape", "y_shape") if k in trained}
-    given = {k: list(now[k]) for k in shapes}
-    if given != shapes:
-        raise ValueError(f"{source} gives x {given.get('x_shape')} and y {given.get('y_shape')} ([C, H, W]), but "
-                         f"{cfg.ckpt_path} was trained on x {shapes.get('x_shape')} and y {shapes.get('y_shape')}; "
+    now_shapes = {k: list(now[k]) for k in shapes}
+    if now_shapes != shapes:
+        raise ValueError(f"{source} gives x {now_shapes.get('x_shape')} and y {now_shapes.get('y_shape')} ([C, H, W]), "
+                         f"but {cfg.ckpt_path} was trained on x {shapes.get('x_shape')} and y {shapes.get('y_shape')}; "
                          f"set data.image_size (and data.channels, data.task) as in training")
-    if not cfg.get("data") and trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"]:
-        log.warning("%s: its data config now lists another training split than it was trained on (%s training "
-                    "samples, %s then): files were added, removed or renamed, so the test split may hold images "
-                    "the model trained on", cfg.ckpt_path, now.get("num_train_samples"),
-                    trained.get("num_train_samples"))
+    if trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"]:
+        recorded = recorded or {}
+        used = given if "_target_" in given else {**recorded, **given}
+        changed = "".join(f"; data.{k}={used[k]} (trained with {recorded[k]})" for k in SPLIT_KEYS
+                          if k in used and k in recorded and used[k] != recorded[k])
+        log.warning("%s gives another training split than %s was trained on (%s training samples, %s then%s): "
+                    "where it holds the training data, changed since or split otherwise, its test split may hold "
+                    "samples the model trained on", source, cfg.ckpt_path, now.get("num_train_samples"),
+                    trained.get("num_train_samples"), changed)
     return dm
 
 
@@ -278,10 +310,11 @@ def experiment_overrides(hydra_cfg: DictConfig) -> str:
     return spec.item_sep.join(lines).replace("=", spec.kv_sep)
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    """The run's loggers. A W&B run left unnamed gets `<task>_<overrides>` (logger keys excluded), the group
-    `<task>` or, in a multirun, `<task>_<sweep id>` so that each sweep is one group, job_type = the command, and
-    the top-level `tags`."""
+def build_loggers(cfg: DictConfig, about: str | None = None, resumed: bool = False) -> list:
+    """The run's loggers. A W&B run left unnamed gets `<task>_<about>_<overrides>` (logger keys excluded; about:
+    cgml-eval's checkpoint run), the group `<task>` or, in a multirun, `<task>_<sweep id>` so that each sweep is
+    one group, job_type = the command, and the top-level `tags`. A resumed training run (resumed) goes on in the
+    W&B run its folder last logged to, unless logger.wandb.id names one."""
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if not logger_cfg:
@@ -290,12 +323,37 @@ def build_loggers(cfg: DictConfig) -> list:
             hydra_cfg, sweep = HydraConfig.get(), sweep_id()
             overrides = experiment_overrides(hydra_cfg)
             with open_dict(logger_cfg):
-                logger_cfg.name = logger_cfg.get("name") or "_".join(p for p in (cfg.task_name, overrides) if p)
+                logger_cfg.name = logger_cfg.get("name") or "_".join(p for p in (cfg.task_name, about, overrides) if p)
                 logger_cfg.group = logger_cfg.get("group") or "_".join(p for p in (cfg.task_name, sweep) if p)
                 logger_cfg.job_type = logger_cfg.get("job_type") or hydra_cfg.job.name
-                logger_cfg.tags = [*(logger_cfg.get("tags") or []), *(cfg.get("tags") or [])]
+                logger_cfg.tags = [*tag_list(logger_cfg.get("tags")), *tag_list(cfg.get("tags"))]
+                previous = previous_wandb_id(logger_cfg.get("save_dir")) if resumed else None
+                if previous and not logger_cfg.get("id"):
+                    logger_cfg.id, logger_cfg.resume = previous, "allow"
         loggers.append(instantiate(logger_cfg))
     return loggers
+
+
+def previous_wandb_id(save_dir: str | None) -> str | None:
+    """The id of the newest W&B run under save_dir/wandb, whose folders are named [offline-]run-DATE_TIME-ID."""
+    runs = [p for p in Path(save_dir or ".", "wandb").glob("*run-*-*") if p.is_dir() and not p.is_symlink()]
+    newest = max(runs, key=lambda p: p.name.split("run-", 1)[1], default=None)
+    return newest.name.rsplit("-", 1)[1] if newest else None
+
+
+def checkpoint_run_name(ckpt_path: str | None) -> str | None:
+    """The run a checkpoint belongs to: RUN for RUN/checkpoints/NAME.ckpt, else the file's name without .ckpt."""
+    if not ckpt_path or ckpt_path == "last":
+        return None
+    path = Path(ckpt_path)
+    return path.parent.parent.name if path.parent.name == "checkpoints" and path.parent.parent.name else path.stem
+
+
+def tag_list(tags: Any) -> list[str]:
+    """tags=[a,b] as a list, and tags=a (a single word, which Hydra reads as a string) as [a]."""
+    if not tags:
+        return []
+    return [str(tags)] if isinstance(tags, (str, int, float)) else [str(t) for t in tags]
 
 
 def run_record(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -351,19 +409,22 @@ def log_picture(loggers: list, key: str, path: Path, caption: str, step: int = 0
 def user_errors(multirun: bool | None = None) -> Iterator[None]:
     """A single run that one of the package's checks refuses (USER_ERRORS raised in this package: a missing folder,
     a bad key, a checkpoint of another task) ends with the message alone, on stderr and in the run's log file, and
-    exit status 1, instead of Hydra's traceback around it. Hydra's own report stays for multiruns (their sweepers
-    and launchers handle failed jobs), with HYDRA_FULL_ERROR=1, and for errors raised outside the package."""
+    exit status 1, instead of Hydra's traceback around it. A multirun's job writes the message to its log file and
+    leaves the error to Hydra (its sweepers and launchers handle failed jobs); HYDRA_FULL_ERROR=1 and errors raised
+    outside the package keep Hydra's report."""
     try:
         yield
     except USER_ERRORS as err:
-        if multirun is None:
-            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1" or not raised_in_package(err):
+        if not raised_in_package(err):
             raise
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, str(err), None, None)
-        for handler in logging.getLogger().handlers:              # the console gets it once, on stderr
+        for handler in logging.getLogger().handlers:              # the run's log file; the console gets it once
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
+        if multirun is None:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"Error: {err}\n(set HYDRA_FULL_ERROR=1 to see where it was raised)", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -398,7 +459,7 @@ def task(loggers: list) -> Iterator[None]:
         if any(is_wandb(logger) for logger in loggers):
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=0 if status == "success" else 1)     # a failed run shows as failed
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

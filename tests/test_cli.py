@@ -7,6 +7,7 @@ fixtures) and checked by several tests.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -55,6 +56,15 @@ def test_conf_ships_in_the_package():
     assert {"train.yaml", "eval.yaml", "sample.yaml"} <= names
     for group in ("data", "model", "net", "trainer", "logger", "callbacks", "experiment", "debug", "paths", "hydra"):
         assert group_options(group), group
+
+
+def test_paths_follow_the_working_directory_not_the_shells_pwd(compose_train, tmp_path, monkeypatch):
+    """A command started with another working directory than $PWD says (subprocess cwd=, notebooks, make -C)
+    writes under the working directory, where its relative data paths are read too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", "/somewhere/else")
+    cfg = compose_train()
+    assert cfg.paths.log_dir == f"{tmp_path}/outputs" and cfg.paths.data_dir == f"{tmp_path}/data"
 
 
 def test_default_config_composes(compose_train):
@@ -383,8 +393,15 @@ def test_user_errors_end_a_single_run_with_the_message_alone(tmp_path, monkeypat
         torch.utils.data.DataLoader([], batch_size=-3)                   # torch's own error: Hydra reports it
     with pytest.raises(TypeError), user_errors(multirun=False):
         check_root(3)                                                     # a bug's error, not a check's
-    with pytest.raises(FileNotFoundError), user_errors(multirun=True):
-        check_root(missing)
+    handler = logging.FileHandler(tmp_path / "job.log")                   # a multirun job's log file
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(FileNotFoundError), user_errors(multirun=True):
+            check_root(missing)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert f"data.root: no such folder: {missing}" in (tmp_path / "job.log").read_text()
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(FileNotFoundError), user_errors(multirun=False):
         check_root(missing)
@@ -511,18 +528,31 @@ def test_eval_warns_when_the_recorded_folder_now_lists_another_split(tmp_path, c
     from cgml_lightning.data import ImageFolderDataModule
     from cgml_lightning.runs import checkpoint_datamodule
 
+    folder = tmp_path / "photos"
+    folder.mkdir()
     for i in range(8):
-        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
-    record = {"_target_": "cgml_lightning.data.ImageFolderDataModule", "root": str(tmp_path), "image_size": 8,
-              "num_workers": 0, "val_fraction": 0.25, "test_fraction": 0.25}
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(folder / f"{i}.png")
+    record = {"_target_": "cgml_lightning.data.ImageFolderDataModule", "root": str(folder), "image_size": 8,
+              "num_workers": 0, "val_fraction": 0.25, "test_fraction": 0.25, "split_seed": 0}
     trained = ImageFolderDataModule(**{k: v for k, v in record.items() if k != "_target_"}).info()
     module = SimpleNamespace(data_info={**trained, "data": record})
     cfg = OmegaConf.create({"ckpt_path": "run.ckpt"})
     checkpoint_datamodule(cfg, module)
     assert "another training split" not in caplog.text
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "added.png")
-    checkpoint_datamodule(cfg, module)
-    assert "run.ckpt: its data config now lists another training split" in caplog.text
+    # the same data, moved: +data.root=NEW keeps every other recorded key, and the split
+    moved = folder.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"no such folder.*\+data\.root=NEW_FOLDER"):
+        checkpoint_datamodule(cfg, module)
+    dm = checkpoint_datamodule(OmegaConf.create({"ckpt_path": "run.ckpt", "data": {"root": str(moved)}}), module)
+    assert dm.info()["fingerprint"] == trained["fingerprint"] and "another training split" not in caplog.text
+    # data=GROUP with another split of the same folder: named
+    other = {**record, "root": str(moved), "split_seed": 1}
+    checkpoint_datamodule(OmegaConf.create({"ckpt_path": "run.ckpt", "data": other}), module)
+    assert "another training split than run.ckpt" in caplog.text and "data.split_seed=1 (trained with 0)" in caplog.text
+    caplog.clear()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(moved / "added.png")
+    checkpoint_datamodule(OmegaConf.create({"ckpt_path": "run.ckpt", "data": {"root": str(moved)}}), module)
+    assert "the checkpoint's data config with +data.root gives another training split than run.ckpt" in caplog.text
 
 
 def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
@@ -530,9 +560,11 @@ def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    record = recorded_data(OmegaConf.create({"root": "photos", "input_dir": "~/chunks", "image_size": 64}))
+    record = recorded_data(OmegaConf.create({"root": "photos", "input_dir": "~/chunks", "path": "data.npz",
+                                             "image_size": 64}))
     home = tmp_path / "home"
-    assert record == {"root": str(tmp_path / "photos"), "input_dir": str(home / "chunks"), "image_size": 64}
+    assert record == {"root": str(tmp_path / "photos"), "input_dir": str(home / "chunks"),
+                      "path": str(tmp_path / "data.npz"), "image_size": 64}
     assert recorded_data(OmegaConf.create({"input_dir": "s3://bucket/set"}))["input_dir"] == "s3://bucket/set"
     assert recorded_data(OmegaConf.create({"input_dir": "local:/data/set"}))["input_dir"] == "local:/data/set"
 
@@ -545,7 +577,8 @@ def test_eval_missing_checkpoint_fails(tmp_path):
 
 
 def test_multirun_sweep(workdir):
-    """-m over two values: two job dirs, each with its own metrics and checkpoint."""
+    """-m over two values: two job dirs, each with its own metrics and checkpoint. A fresh sweep into the same
+    hydra.sweep.dir is refused before it writes anything: every file of the first sweep stays as it was."""
     sweep = workdir / "sweep"
     run_cli("cgml-train", "-m", "experiment=toy", "model.z_steps=1,2", "debug=fdr", f"hydra.sweep.dir={sweep}",
             cwd=workdir)
@@ -555,6 +588,11 @@ def test_multirun_sweep(workdir):
         assert TOY_KEYS <= set(read_metrics(job))
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["hyper_parameters"]["z_steps"] == z_steps
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    proc = run_cli("cgml-train", "-m", "experiment=toy", "model.z_steps=3,4", "debug=fdr", f"hydra.sweep.dir={sweep}",
+                   cwd=workdir, check=False)
+    assert proc.returncode == 1 and "holds training runs' checkpoints (jobs 0, 1)" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
 
 
 def test_train_regressor_fdr(workdir):

@@ -364,7 +364,13 @@ def compose_train(overrides: list[str]):
     ("paired_translation", 64, "unet_64", 3), ("paired_translation_128", 128, "unet_128", 3),
     ("paired_translation_256", 256, "unet_256", 3),
 ])
-def test_image_presets_compose_and_set_up(tmp_path, no_decoding, experiment, size, net, x_channels):
+def test_image_presets_compose_and_set_up(tmp_path, no_decoding, monkeypatch, experiment, size, net, x_channels):
+    """Each preset composes and sets up reading headers only; colorization also decodes a bounded sample (at most
+    COLOUR_CHECKS images, small) to check that the images have colour."""
+    from cgml_lightning.data import folders
+
+    checked = []
+    monkeypatch.setattr(folders, "is_grey", lambda path: checked.append(path) or False)
     write_images(tmp_path, 6, size=(10, 8))
     cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}", "data.num_workers=0"])
     assert cfg.data.image_size == size and cfg.net.name == "unet" and cfg.data.batch_size >= 8
@@ -380,6 +386,7 @@ def test_image_presets_compose_and_set_up(tmp_path, no_decoding, experiment, siz
     assert z_phase_settings("auto", dm.info()["kind"])["z_steps"] == 3              # cGML's image settings apply
     if experiment.startswith("folder_completion"):
         assert cfg.data.mask == "mixed"
+    assert 0 < len(checked) <= folders.COLOUR_CHECKS if experiment.startswith("colorization") else not checked
 
 
 @pytest.mark.slow

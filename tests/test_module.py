@@ -259,6 +259,18 @@ def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, 
     CGMLModule(toy_dm.info(), MLP_NET, **SMALL).init_weights_from(str(tmp_path / "old.ckpt"))
 
 
+def test_fine_tuning_names_another_model_or_kind_of_data(fitted, toy_dm, tmp_path):
+    """init_from a checkpoint of another model, or of another kind of data, says which, before listing weights."""
+    _, _, path = fitted
+    with pytest.raises(ValueError, match=r"is a model=cgml checkpoint, this run is model=regressor"):
+        RegressorModule(toy_dm.info(), MLP_NET).init_weights_from(str(path))
+    image = {**toy_dm.info(), "kind": "image"}
+    with pytest.raises(ValueError, match=r"trained on vector data, this run is on image data"):
+        CGMLModule(image, MLP_NET, **SMALL).init_weights_from(str(path))
+    with pytest.raises(ValueError, match=r"matches no parameter; the trained ones start with .*generator\."):
+        CGMLModule(toy_dm.info(), MLP_NET, **SMALL).freeze_prefixes(["generatr"])
+
+
 def test_resume_refuses_another_model_net_or_optimizer(fitted, toy_dm):
     """Lightning would fail on the weights' shapes, or load the old optimizer's state over the new one: named."""
     from cgml_lightning.runs import check_resume

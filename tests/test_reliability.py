@@ -451,10 +451,37 @@ def test_wandb_config_has_no_secret_and_run_is_finished(hydra_job, tmp_path, mon
     assert logger_cfg["wandb"]["log_model"] is False
     calls = []
     real_finish = wandb.finish
-    monkeypatch.setattr(wandb, "finish", lambda *a, **k: (calls.append(1), real_finish(*a, **k))[1])
+    monkeypatch.setattr(wandb, "finish", lambda *a, **k: (calls.append(k.get("exit_code")), real_finish(*a, **k))[1])
     run_train(cfg)
-    assert calls, "wandb.finish() was not called after the job"
+    assert calls == [0], "wandb.finish() was not called after the job, or not as a success"
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+    def fails(*args, **kwargs):
+        raise ValueError("evaluation refused")
+
+    monkeypatch.setattr("cgml_lightning.commands.train.evaluate", fails)
+    failing = hydra_job(tmp_path / "failing", "experiment=toy", "debug=fdr", "logger=wandb",
+                        "~callbacks.rich_progress_bar")
+    with pytest.raises(ValueError, match="evaluation refused"):
+        run_train(failing)
+    assert calls == [0, 1], "a failed run was finished as a success in W&B"
+
+
+def test_a_resumed_run_goes_on_in_its_folders_last_wandb_run(tmp_path):
+    from cgml_lightning.runs import previous_wandb_id
+
+    assert previous_wandb_id(str(tmp_path)) is None                          # a fresh folder: a new W&B run
+    for name in ("offline-run-20261207_171924-first1", "run-20261208_090000-second2", "debug-internal.log"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    (tmp_path / "wandb" / "latest-run").symlink_to(tmp_path / "wandb" / "offline-run-20261207_171924-first1")
+    assert previous_wandb_id(str(tmp_path)) == "second2"
+
+
+def test_tags_given_as_one_word_are_one_tag():
+    from cgml_lightning.runs import tag_list
+
+    assert tag_list("baseline") == ["baseline"]                 # tags=baseline, not its letters
+    assert tag_list(OmegaConf.create(["a", "b"])) == ["a", "b"] and tag_list(None) == [] and tag_list([]) == []
 
 
 # ---- 8. NaN guard ----------------------------------------------------------------------------------------------

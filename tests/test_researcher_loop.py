@@ -109,6 +109,7 @@ def test_eval_results_reach_wandb(logged_run):
     metrics = json.loads((logged_run / "eval" / "metrics.json").read_text())
     (run,) = wandb_runs(logged_run / "eval")
     assert run["job_type"] == "eval" and run["group"] == "eval"
+    assert run["name"].startswith("eval_train_"), run["name"]           # the checkpoint's run folder: train
     assert run["summary"]["test/mode_coverage"] == pytest.approx(metrics["mode_coverage"])
     assert run["config"]["checkpoint_module"]["latent_dim"] == 10
     assert (logged_run / "eval" / "eval.log").is_file()

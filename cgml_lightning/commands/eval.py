@@ -6,8 +6,8 @@ from omegaconf import DictConfig
 
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
-from cgml_lightning.runs import (CONFIG_PATH, build_loggers, check_output_dir, load_for_inference, log_results,
-                                 plain, run_record, task, user_errors, weights_in_use)
+from cgml_lightning.runs import (CONFIG_PATH, build_loggers, check_output_dir, checkpoint_run_name, load_for_inference,
+                                 log_results, plain, run_record, task, user_errors, weights_in_use)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
@@ -15,7 +15,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
     out = check_output_dir()
     module, dm = load_for_inference(cfg)
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, about=checkpoint_run_name(cfg.ckpt_path))
     with task(loggers):
         for logger in loggers:
             logger.log_hyperparams({**run_record(cfg, module), "checkpoint_module": plain(module.hparams)})

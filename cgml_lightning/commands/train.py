@@ -38,7 +38,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         module.init_weights_from(cfg.init_from)
         log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
     module.freeze_prefixes(list((cfg.get("finetune") or {}).get("freeze") or []))   # on resume too
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resumed=bool(ckpt_path))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not loggers:                                              # it logs to loggers and refuses to run without
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

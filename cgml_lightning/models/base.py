@@ -281,7 +281,16 @@ class ConditionalModule(L.LightningModule):
         freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys.
         Loads with weights_only=True and never instantiates anything named in the checkpoint."""
         checkpoint = read_checkpoint(path)
-        self.check_init_source(path, checkpoint.get("hyper_parameters") or {})
+        saved = checkpoint.get("hyper_parameters") or {}
+        was = (saved.get("data_info") or {}).get("kind")
+        if was and was != self.data_info.get("kind"):
+            raise ValueError(f"init_from={path} was trained on {was} data, this run is on {self.data_info.get('kind')} "
+                             f"data: fine-tune from a checkpoint of the same kind of data")
+        source = checkpoint.get("cgml_module")
+        if source and source != self.module_name:
+            raise ValueError(f"init_from={path} is a model={source} checkpoint, this run is model={self.module_name}: "
+                             f"fine-tune with model={source}")
+        self.check_init_source(path, saved)
         state = checkpoint["state_dict"]
         own = self.state_dict()
         # per-sample tables are data-bound; the EMA restarts from the copied weights
@@ -290,7 +299,8 @@ class ConditionalModule(L.LightningModule):
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in keys if k in state and state[k].shape != own[k].shape]
         if missing or wrong:
-            raise ValueError(f"init_from={path} does not fit this model:\n  "
+            raise ValueError(f"init_from={path} does not fit this model (set model.net, model.latent_dim and the "
+                             f"data's size and channels as it was trained):\n  "
                              + "\n  ".join([f"{k}: missing in checkpoint" for k in missing[:20]] + wrong[:20]))
         self.load_state_dict({k: state[k] for k in keys}, strict=False)
         self.ema = None
@@ -302,8 +312,9 @@ class ConditionalModule(L.LightningModule):
         """Stop training the parameters whose names start with any of the prefixes; returns their names."""
         frozen = [n for n, _ in self.named_parameters() if any(n.startswith(p) for p in prefixes)]
         if prefixes and not frozen:
-            raise ValueError(f"finetune.freeze={list(prefixes)} matches no parameter (names look like "
-                             f"{next(iter(dict(self.named_parameters())))!r})")
+            groups = sorted({".".join(n.split(".")[:2]) for n, p in self.named_parameters() if p.requires_grad})
+            raise ValueError(f"finetune.freeze={list(prefixes)} matches no parameter; the trained ones start with "
+                             f"{', '.join(groups[:30])}")
         for name, param in self.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
