@@ -86,9 +86,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def newest_checkpoint(folder: str | Path) -> Path | None:
-    """The most recently written checkpoint in folder (stop checkpoints aside), or None."""
-    found = [p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    """The most recently written whole checkpoint in folder (stop checkpoints aside), or None when there is none.
+    A file cut short (a job killed while it saved) is skipped with a warning for the next newest; a folder of
+    such files only is an error, so that a run never restarts from scratch over them."""
+    found = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS),
+                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in found:
+        if zipfile.is_zipfile(path):                 # torch.save's archive ends with its directory: cut short, none
+            return path
+        log.warning("%s: not a whole checkpoint (cut short while saving?); looking for an older one", path)
+    if found:
+        raise ValueError(f"{folder}: none of its checkpoints is whole ({', '.join(p.name for p in found[:5])}); "
+                         f"resume from another copy with ckpt_path=PATH")
+    return None
 
 
 def save_figure(fig, path: str | Path) -> Path:

@@ -305,6 +305,25 @@ def test_ckpt_path_last_starts_fresh_then_resumes(tmp_path):
     assert second["epoch"] == first["epoch"] + 1 and second["global_step"] == 2 * first["global_step"] > 0
 
 
+def test_ckpt_path_last_skips_a_checkpoint_cut_short(tmp_path, caplog):
+    """A job killed while saving leaves last.ckpt cut short: ckpt_path=last resumes from the newest whole one and
+    names the other; with no whole one it refuses rather than training from scratch over them."""
+    import os
+
+    from cgml_lightning.files import newest_checkpoint
+
+    torch.save({"state_dict": {"w": torch.ones(3)}}, tmp_path / "epoch_001.ckpt")
+    whole = (tmp_path / "epoch_001.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    os.utime(tmp_path / "epoch_001.ckpt", (1, 1))                             # the older file
+    assert newest_checkpoint(tmp_path) == tmp_path / "epoch_001.ckpt"
+    assert "last.ckpt: not a whole checkpoint" in caplog.text
+    (tmp_path / "epoch_001.ckpt").write_bytes(whole[:-10])
+    with pytest.raises(ValueError, match=r"none of its checkpoints is whole \(epoch_001.ckpt, last.ckpt\)"):
+        newest_checkpoint(tmp_path)
+    assert newest_checkpoint(tmp_path / "empty") is None
+
+
 # ---- 5. atomic result files -------------------------------------------------------------------------------------
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     path = tmp_path / "metrics.json"
