@@ -90,9 +90,22 @@ def check_fresh_sweep_folder(sweep_dir: Path) -> None:
                          f"into a new hydra.sweep.dir")
 
 
+def keep_earlier_record(record: Path) -> None:
+    """Before a resume (refused or not) writes its own Hydra record, the folder's record moves to
+    record/earlier/N/ (N = 1, 2, ...): the command that trained the run stays on file."""
+    names = [name for name in ("config.yaml", "hydra.yaml", "overrides.yaml") if (record / name).is_file()]
+    if not names:
+        return
+    n = 1 + sum(1 for p in (record / "earlier").glob("*") if p.is_dir())
+    (record / "earlier" / str(n)).mkdir(parents=True)
+    for name in names:
+        (record / name).rename(record / "earlier" / str(n) / name)
+
+
 class TrainingFolderGuard(Callback):
     """cgml-train's Hydra callback: check_fresh_training_folder before Hydra writes the run's record (.hydra/) into
-    the folder, so that a refused run leaves the earlier run's record as it was; for a multirun, every job folder
+    the folder, so that a refused run leaves the earlier run's record as it was, and a resume keeps it under
+    .hydra/earlier/N/ (keep_earlier_record); for a multirun, every job folder
     under hydra.sweep.dir before the sweep writes multirun.yaml and the jobs' records (run_train checks each job's
     folder again, for folders a sweeper names otherwise)."""
 
@@ -100,6 +113,8 @@ class TrainingFolderGuard(Callback):
         if config.get("ckpt_path") is None:
             with user_errors(multirun=False):
                 check_fresh_training_folder(Path(config.hydra.run.dir))
+        elif config.hydra.output_subdir is not None:
+            keep_earlier_record(Path(config.hydra.run.dir) / config.hydra.output_subdir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("ckpt_path") is None:
@@ -115,9 +130,15 @@ def logged_step(trainer: L.Trainer) -> int:
 
 # ---- data and modules -------------------------------------------------------------------------------------------
 def build_datamodule(cfg: DictConfig):
+    """The run's datamodule, set up; a test split left empty is refused before training, not after it (the final
+    evaluation needs eval.num_inputs > 0 of its inputs)."""
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
+    test = (getattr(dm, "splits", None) or {}).get("test")
+    if test is not None and len(test) == 0 and (cfg.get("eval") or {}).get("num_inputs", 1) > 0:
+        raise ValueError(f"{type(dm).__name__}: the test split is empty, so the evaluation after training would have "
+                         f"nothing to evaluate; raise data.test_fraction or add data")
     return dm
 
 
@@ -412,10 +433,13 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
     exit status 1, instead of Hydra's traceback around it. A multirun's job writes the message to its log file and
     leaves the error to Hydra (its sweepers and launchers handle failed jobs); HYDRA_FULL_ERROR=1 and errors raised
     outside the package keep Hydra's report."""
+    from hydra.errors import InstantiationException
+
     try:
         yield
-    except USER_ERRORS as err:
-        if not raised_in_package(err):
+    except (*USER_ERRORS, InstantiationException) as caught:
+        err = caught.__cause__ if isinstance(caught, InstantiationException) else caught   # a constructor's check
+        if not isinstance(err, USER_ERRORS) or not raised_in_package(err):
             raise
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, str(err), None, None)
         for handler in logging.getLogger().handlers:              # the run's log file; the console gets it once

@@ -389,6 +389,9 @@ def test_user_errors_end_a_single_run_with_the_message_alone(tmp_path, monkeypat
         check_root(missing)
     assert stop.value.code == 1
     assert capsys.readouterr().err.startswith(f"Error: data.root: no such folder: {missing}\n")
+    with pytest.raises(SystemExit), user_errors(multirun=False):          # a constructor's check, through Hydra
+        instantiate({"_target_": "cgml_lightning.data.ImageFolderDataModule", "root": str(tmp_path), "channels": 2})
+    assert capsys.readouterr().err.startswith("Error: data.channels must be 1 (grey) or 3 (RGB); got 2\n")
     with pytest.raises(ValueError, match="batch_size"), user_errors(multirun=False):
         torch.utils.data.DataLoader([], batch_size=-3)                   # torch's own error: Hydra reports it
     with pytest.raises(TypeError), user_errors(multirun=False):
@@ -430,6 +433,35 @@ def test_eval_and_sample_refuse_a_training_runs_folder(toy_run, workdir):
     assert all(p.read_bytes() == data for p, data in before.items())
     added = {str(p.relative_to(toy_run)) for p in toy_run.rglob("*") if p.is_file() and p not in before}
     assert added <= {"eval.log", "sample.log"}                        # their Hydra records taken back
+
+
+def test_a_resume_keeps_the_record_of_the_command_before_it(tmp_path):
+    from cgml_lightning.runs import keep_earlier_record
+
+    record = tmp_path / ".hydra"
+    keep_earlier_record(record)                                               # nothing there yet
+    assert not record.exists()
+    for command in ("trained", "resumed"):
+        record.mkdir(exist_ok=True)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (record / name).write_text(command)
+        keep_earlier_record(record)
+    assert sorted(p.name for p in record.iterdir()) == ["earlier"]
+    assert (record / "earlier" / "1" / "overrides.yaml").read_text() == "trained"
+    assert (record / "earlier" / "2" / "config.yaml").read_text() == "resumed"
+
+
+def test_an_empty_test_split_is_refused_before_training(compose_train, tmp_path):
+    from PIL import Image
+
+    from cgml_lightning.runs import build_datamodule
+
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    cfg = compose_train("experiment=folder_completion", f"data.root={tmp_path}", "data.image_size=8",
+                        "data.test_fraction=0", "data.num_workers=0")
+    with pytest.raises(ValueError, match="the test split is empty, so the evaluation after training"):
+        build_datamodule(cfg)
 
 
 def test_a_fresh_training_run_refuses_a_training_runs_folder(toy_run, workdir, tmp_path):
