@@ -88,6 +88,32 @@ def test_convert_command_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data=streaming data.input_dir=" in done.stdout and (out / "train" / "index.json").is_file()
+    again = [sys.executable, "-m", "cgml_lightning.data.streaming", "convert", "--root", str(tmp_path / "imgs"),
+             "--out", str(out)]
+    manifest = (out / "cgml.json").read_bytes()
+    refused = subprocess.run(again, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"Error: --out {out} holds an earlier conversion" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "cgml.json").read_bytes() == manifest                         # the earlier conversion, untouched
+    done = subprocess.run([*again, "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_chunks_of_pairs_and_of_single_images_refuse_the_other_kind_of_task(converted, tmp_path):
+    """An unpaired experiment on paired chunks (its task would be dropped) and a paired one on single images (they
+    would train completion under its name) are refused, naming the chunks and the experiment to use."""
+    _, single = converted
+    for i in range(6):
+        a = pixels(i, (12, 10), 3)
+        Image.fromarray(np.concatenate([a, 255 - a], axis=1)).save(tmp_path / f"{i:02d}.png")
+    paired = tmp_path / "paired"
+    convert(tmp_path, paired, paired=True, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(ValueError, match=r"holds A\|B pairs .* data.task=completion .*experiment=paired_translation"):
+        StreamingDataModule(input_dir=str(paired), image_size=8, task="completion").setup()
+    with pytest.raises(ValueError, match=r"holds single images .* data.direction=AtoB is for A\|B pairs"):
+        StreamingDataModule(input_dir=str(single), image_size=8, direction="AtoB").setup()
+    StreamingDataModule(input_dir=str(paired), image_size=8, direction="BtoA").setup()          # what fits
+    assert StreamingDataModule(input_dir=str(single), image_size=8).info()["mask_channel"]      # completion
 
 
 def test_refuses_pickled_items_and_missing_manifest(converted, tmp_path):

@@ -64,15 +64,21 @@ def encode_item(row_key_names: tuple[int, int, str, str], root: str) -> dict[str
 
 def convert(root: str | Path, out: str | Path, paired: bool = False, layout: str = "auto", val_fraction: float = 0.05,
             test_fraction: float = 0.05, split_seed: int = 0, max_images: int | None = None, num_workers: int = 1,
-            chunk_bytes: str = "64MB") -> dict[str, Any]:
+            chunk_bytes: str = "64MB", overwrite: bool = False) -> dict[str, Any]:
     """Write OUT/{train,val,test} (litdata chunks) and OUT/cgml.json from an image folder; returns the manifest.
-    The folder is listed and split exactly as data=image_folder (or data=paired_folder) lists and splits it."""
+    The folder is listed and split exactly as data=image_folder (or data=paired_folder) lists and splits it. An
+    OUT that holds anything is refused unless overwrite."""
     litdata = require_litdata()
     options = dict(root=str(root), val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
                    max_images=max_images, num_workers=0)
     folder = PairedFolderDataModule(layout=layout, **options) if paired else ImageFolderDataModule(**options)
-    folder.setup()
     out = Path(out).expanduser()
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        what = "an earlier conversion" if MANIFEST in held else f"other files ({', '.join(held[:5])})"
+        raise FileExistsError(f"--out {out} holds {what}; give an empty or new folder, or --overwrite to replace "
+                              f"its chunks and {MANIFEST}")
+    folder.setup()
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split in SPLITS:
@@ -170,9 +176,13 @@ class StreamingDataModule(SplitDataModule):
 
     kind = "image"
 
-    def __init__(self, input_dir: str | None = None, channels: int = 3, image_size: int = 64, direction: str = "AtoB",
-                 augment: Mapping | None = None, cache_dir: str | None = None, max_cache_size: str = "50GB",
-                 storage_options: Mapping | None = None, **kwargs):
+    def __init__(self, input_dir: str | None = None, channels: int = 3, image_size: int = 64,
+                 direction: str | None = None, augment: Mapping | None = None, cache_dir: str | None = None,
+                 max_cache_size: str = "50GB", storage_options: Mapping | None = None, **kwargs):
+        # task (single images) and direction (pairs) default to None: which applies is the chunks' to say (setup)
+        self.task_given, self.direction_given = kwargs.get("task"), direction
+        kwargs["task"] = kwargs.get("task") or "completion"
+        direction = direction or "AtoB"
         self.degradation = Degradation.pop_from(kwargs)
         super().__init__(**kwargs)
         if input_dir is None or str(input_dir) in ("", "???"):
@@ -203,6 +213,14 @@ class StreamingDataModule(SplitDataModule):
                              f"expected {FORMAT!r}")
         self.manifest = manifest
         paired = bool(manifest["paired"])
+        if paired and self.task_given not in (None, "identity"):
+            raise ValueError(f"data.input_dir={self.input_dir} holds A|B pairs (converted with --paired), but "
+                             f"data.task={self.task_given} is a task on single images: train the pairs with "
+                             f"experiment=paired_translation data=streaming, or convert the folder without --paired")
+        if not paired and self.direction_given is not None:
+            raise ValueError(f"data.input_dir={self.input_dir} holds single images (converted without --paired), but "
+                             f"data.direction={self.direction_given} is for A|B pairs: train them with an experiment on "
+                             f"single images (folder_completion, colorization, ...), or convert pairs with --paired")
         self.mask_channel = not paired and self.degradation.mask_channel
         if not paired and self.degradation.task == "colorization" and self.channels != 3:
             raise ValueError(f"data.task=colorization needs data.channels=3 (RGB targets); got {self.channels}")
@@ -272,13 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-images", type=int, default=None)
     c.add_argument("--num-workers", type=int, default=1, help="litdata.optimize worker processes")
     c.add_argument("--chunk-bytes", default="64MB")
+    c.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused otherwise)")
     args = parser.parse_args(argv)
     try:
         check_root(args.root, key="--root")
     except OSError as err:                                      # no such folder, or a file: usage and the reason
         parser.error(str(err))
-    manifest = convert(args.root, args.out, args.paired, args.layout, args.val_fraction, args.test_fraction,
-                       args.split_seed, args.max_images, args.num_workers, args.chunk_bytes)
+    try:
+        manifest = convert(args.root, args.out, args.paired, args.layout, args.val_fraction, args.test_fraction,
+                           args.split_seed, args.max_images, args.num_workers, args.chunk_bytes, args.overwrite)
+    except (ValueError, OSError) as err:                        # the folder's files, named: the message alone
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
     experiment = "paired_translation" if args.paired else "folder_completion"          # or colorization, ..._128
     print(f"wrote {args.out}: {manifest['splits']} (train fingerprint {manifest['fingerprint']}); "
           f"train with: cgml-train experiment={experiment} data=streaming data.input_dir={args.out}")
