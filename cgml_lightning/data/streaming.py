@@ -219,8 +219,8 @@ class StreamingDataModule(SplitDataModule):
                              f"experiment=paired_translation data=streaming, or convert the folder without --paired")
         if not paired and self.direction_given is not None:
             raise ValueError(f"data.input_dir={self.input_dir} holds single images (converted without --paired), but "
-                             f"data.direction={self.direction_given} is for A|B pairs: train them with an experiment on "
-                             f"single images (folder_completion, colorization, ...), or convert pairs with --paired")
+                             f"data.direction={self.direction_given} is for A|B pairs: train them with an experiment "
+                             f"on single images (folder_completion, colorization, ...), or convert pairs with --paired")
         self.mask_channel = not paired and self.degradation.mask_channel
         if not paired and self.degradation.task == "colorization" and self.channels != 3:
             raise ValueError(f"data.task=colorization needs data.channels=3 (RGB targets); got {self.channels}")
