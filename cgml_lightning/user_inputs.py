@@ -21,8 +21,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from cgml_lightning.data.degradations import Degradation, apply_mask
-from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, list_images, open_image,
-                                         to_tensor)
+from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, inspect_image, list_images,
+                                         open_image, to_tensor)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -109,15 +109,19 @@ class UnreadableImageError(ImageDataError):
 
 
 def open_checked(path: Path, key: str, mode: str) -> Image.Image:
-    """Decode a user's file (PIL mode L, RGB, LA or RGBA); errors name the key and the file."""
+    """Decode a user's file (PIL mode L, RGB, LA or RGBA); errors name the key and the file. An image (L or RGB)
+    passes the checks training makes (inspect_image: still, at least 2x2, not fully transparent)."""
     if not path.is_file():
         raise FileNotFoundError(f"{key}: no such file: {path.resolve()}")
     try:
         if mode in ("L", "RGB"):
+            inspect_image(path)
             return open_image(path, 1 if mode == "L" else 3)
         with Image.open(path) as img:
             img.load()
             return img.convert(mode)
+    except ImageDataError as err:                           # readable, but not an image training would take
+        raise ImageDataError(f"{key}: {err}") from err
     except UNREADABLE as err:
         raise UnreadableImageError(f"{key}: cannot read {path} as an image ({type(err).__name__}: {err})") from err
 
@@ -135,8 +139,8 @@ def image_files(source: str | Path, key: str = "input") -> list[Path]:
 
 
 def readable_images(files: list[Path], count: int, key: str = "input") -> list[Path]:
-    """The first `count` of a folder's files that decode, in order; the others skipped with one warning naming them,
-    as training skips them. An error when none decodes."""
+    """The first `count` of a folder's files that decode and pass training's checks, in order; the others skipped
+    with one warning naming them, as training skips them. An error when none is left."""
     kept, skipped = [], []
     for path in files:
         if len(kept) == count:
@@ -144,10 +148,10 @@ def readable_images(files: list[Path], count: int, key: str = "input") -> list[P
         try:
             open_checked(path, key, "L")
             kept.append(path)
-        except UnreadableImageError as err:
+        except ImageDataError as err:                       # unreadable, or unusable (animated, tiny, transparent)
             skipped.append(str(err))
     if skipped:
-        log.warning("%s: skipping %d unreadable image(s):\n  %s", key, len(skipped), "\n  ".join(skipped))
+        log.warning("%s: skipping %d unreadable or unusable image(s):\n  %s", key, len(skipped), "\n  ".join(skipped))
     if not kept:
         raise UnreadableImageError(f"{key}: none of the {len(files)} image file(s) given could be read")
     return kept
@@ -164,10 +168,12 @@ def load_images(files: list[Path], channels: int, size: tuple[int, int], crop: b
 
 
 def load_mask(path: str | Path, size: tuple[int, int], crop: bool = False) -> Tensor:
-    """A completion mask [1, H, W] from a picture where white (> 50% grey) = hole (to fill), black = visible."""
+    """A completion mask [1, H, W] from a picture where white (> 50% grey) = hole (to fill), black = visible; a
+    transparent pixel is visible too (a white shape drawn on a transparent layer is the hole)."""
     path = Path(path).expanduser()
-    img = fit_size(open_checked(path, "mask", "L"), path, size, crop, "mask", Image.NEAREST)
-    mask = (torch.from_numpy(np.asarray(img, dtype=np.float32)) > 127.5).float()[None]
+    img = fit_size(open_checked(path, "mask", "LA"), path, size, crop, "mask", Image.NEAREST)
+    grey, alpha = torch.from_numpy(np.asarray(img, dtype=np.float32)).unbind(-1)
+    mask = ((grey > 127.5) & (alpha > 0)).float()[None]
     if mask.sum() == 0:
         raise ValueError(f"mask: {path} hides no pixel (white = hole, black = visible); it is all black")
     if mask.min() == 1:

@@ -150,6 +150,14 @@ def test_a_folders_unreadable_files_are_skipped_and_named(tmp_path, caplog):
         assert readable_images(image_files(tmp_path), 2) == [a, c]
     assert "b.png" in caplog.text and "skipping 1 unreadable" in caplog.text
     assert readable_images(image_files(tmp_path), 10) == [a, c, d]
+    save(tmp_path / "e_tiny.png", np.zeros((1, 1), np.uint8))               # what training skips: too small,
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "f_clear.png")   # fully transparent
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        assert readable_images(image_files(tmp_path), 10) == [a, c, d]
+    assert "e_tiny.png: 1x1 pixels" in caplog.text and "f_clear.png: fully transparent" in caplog.text
+    with pytest.raises(ImageDataError, match=r"input: .*e_tiny.png: 1x1 pixels"):
+        load_images([tmp_path / "e_tiny.png"], channels=1, size=(8, 8))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -180,6 +188,18 @@ def test_completion_applies_the_task_mask_or_the_users_mask(tmp_path):
     masked = build_inputs(DIGITS_INFO, deg, images, ["a", "b"], mask=mask)
     assert torch.equal(masked.x[:, 1:], mask.expand(2, 1, 8, 8))
     torch.testing.assert_close(masked.x[:, 0, :, 4:], images[:, 0, :, 4:])
+
+
+def test_a_masks_transparent_pixels_are_visible(tmp_path):
+    """A white box on a transparent layer (as an editor draws it) is the hole; transparent pixels, whatever colour
+    they hold, are visible."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255                                          # white everywhere, but only the box is opaque
+    rgba[2:6, 2:6, 3] = 255
+    mask = load_mask(save(tmp_path / "layer.png", rgba), (8, 8))
+    expected = torch.zeros(1, 8, 8)
+    expected[:, 2:6, 2:6] = 1
+    assert torch.equal(mask, expected)
 
 
 def test_mask_errors(tmp_path):
