@@ -92,11 +92,12 @@ def fit_size(img: Image.Image, path: Path, size: tuple[int, int], crop: bool, ke
     h, w = size
     if img.size == (w, h):
         return img
-    if crop:                     # the shorter side to the model's size, then a centre crop, with `resample`
+    ratio, model_ratio = img.size[0] / img.size[1], w / h
+    fits = abs(ratio - model_ratio) <= ASPECT_TOLERANCE * model_ratio
+    if crop and not fits:        # the shorter side to the model's size, then a centre crop, with `resample`
         log.info("%s: resized and centre-cropped %s from %dx%d to %dx%d", key, path, img.size[0], img.size[1], w, h)
         return ImageOps.fit(img, (w, h), method=resample)
-    ratio, model_ratio = img.size[0] / img.size[1], w / h
-    if abs(ratio - model_ratio) > ASPECT_TOLERANCE * model_ratio:
+    if not fits:
         raise ImageDataError(f"{key}: {path} is {img.size[0]}x{img.size[1]} (W x H) but the model takes {w}x{h}: "
                              f"the aspect ratio differs, so it cannot be resized without distortion. Crop it to "
                              f"{w}:{h} first, or pass crop=true to resize its shorter side and centre-crop")

@@ -188,6 +188,16 @@ def test_all_corrupt_is_an_error(tmp_path):
         make(ImageFolderDataModule, tmp_path, check_files=True)
 
 
+def test_checked_files_name_every_misfit_at_once(tmp_path):
+    """With data.check_files=true every file that cannot be a sample is named in one error, not one per run."""
+    write_images(tmp_path, 6)
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "tiny.png")
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "clear.png")
+    with pytest.raises(ImageDataError, match=r"2 files under .* cannot be samples") as err:
+        make(ImageFolderDataModule, tmp_path, image_size=8, check_files=True)
+    assert "tiny.png: 1x1 pixels" in str(err.value) and "clear.png: fully transparent" in str(err.value)
+
+
 def test_empty_folder_names_folder_and_extensions(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "readme.txt").write_text("hi")
@@ -282,6 +292,22 @@ def test_too_few_images(tmp_path):
     write_images(tmp_path, 2)
     with pytest.raises(ValueError, match="2 image.s. are too few for val_fraction=0.2 and test_fraction=0.2"):
         make(ImageFolderDataModule, tmp_path)
+    with pytest.raises(ValueError, match=r"val_fraction=0.9 and data.test_fraction=0.2 add up to 1.1"):
+        make(ImageFolderDataModule, tmp_path, val_fraction=0.9, test_fraction=0.2)
+
+
+def test_the_python_api_splits_as_the_command_line(tmp_path):
+    """The folder datamodules' own defaults are the yaml's (and the litdata conversion's): 5% val, 5% test."""
+    from hydra import compose, initialize_config_module
+
+    write_images(tmp_path, 40)
+    with initialize_config_module(config_module="cgml_lightning.conf", version_base="1.3"):
+        for group, cls in (("image_folder", ImageFolderDataModule), ("paired_folder", PairedFolderDataModule)):
+            cfg = compose("train", [f"data={group}", f"data.root={tmp_path}"])
+            assert (cfg.data.val_fraction, cfg.data.test_fraction) == (0.05, 0.05)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8)
+    dm.setup()
+    assert [len(dm.splits[k]) for k in ("train", "val", "test")] == [36, 2, 2]
 
 
 # ---- PairedFolderDataModule ---------------------------------------------------------------------------------------

@@ -118,6 +118,10 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float, what: str, un
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= f < 1:
             raise ValueError(f"data.{name} must be in [0, 1); got {f}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"{what}: data.val_fraction={val_fraction} and data.test_fraction={test_fraction} add up to "
+                         f"{val_fraction + test_fraction:g}, leaving nothing for training; together they must stay "
+                         f"below 1")
     n_val, n_test = (max(1, round(n * f)) if f > 0 else 0 for f in (val_fraction, test_fraction))
     if n - n_val - n_test < 1:
         raise ValueError(f"{what}: {n} {unit}(s) are too few for val_fraction={val_fraction} and "

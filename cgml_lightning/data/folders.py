@@ -422,8 +422,9 @@ class FolderDataModule(SplitDataModule):
     kind = "image"
 
     def __init__(self, root: str | None = None, channels: int = 3, image_size: int | None = 64,
-                 max_images: int | None = None, augment: Mapping | None = None, check_files: bool = False, **kwargs):
-        super().__init__(**kwargs)
+                 max_images: int | None = None, augment: Mapping | None = None, check_files: bool = False,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05, **kwargs):
+        super().__init__(val_fraction=val_fraction, test_fraction=test_fraction, **kwargs)   # as the yaml and convert
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB); got {channels!r}")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 2):
@@ -454,7 +455,7 @@ class FolderDataModule(SplitDataModule):
     def inspect(self, root: Path, tables: tuple[FileTable, ...], rows: np.ndarray | None = None,
                 strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Headers of the samples at rows (default: all) in threads: (the rows kept, their (W, H) [n, 2]).
-        Unreadable files are dropped with one warning naming them; a misfit is an ImageDataError naming the file
+        Unreadable files are dropped with one warning naming them; misfits are one ImageDataError naming every one
         (strict), or dropped with them (strict=False: the run-time rule)."""
         rows = np.arange(len(tables[0])) if rows is None else np.asarray(rows, dtype=np.int64)
 
@@ -466,21 +467,26 @@ class FolderDataModule(SplitDataModule):
                     sizes.append(inspect_image(p))
                 return self.check_sample(paths, sizes)
             except ImageDataError as err:                    # a ValueError, so caught before UNREADABLE
-                if strict:
-                    raise
-                return str(err)                              # names the file
+                return ImageDataError(str(err))              # names the file
             except UNREADABLE as err:                        # only headers raise these: the file after those read
                 return f"{paths[len(sizes)]} ({type(err).__name__}: {err})"
 
         sizes = np.zeros((len(rows), 2), dtype=np.int64)
         kept = np.zeros(len(rows), dtype=bool)
         bad: list[str] = []
+        misfits: list[str] = []
         with ThreadPool(HEADER_THREADS) as pool:
             for j, result in enumerate(pool.imap(check, rows.tolist(), chunksize=64)):
-                if isinstance(result, str):
+                if isinstance(result, ImageDataError):
+                    (misfits if strict else bad).append(str(result))
+                elif isinstance(result, str):
                     bad.append(result)
                 else:
                     kept[j], sizes[j] = True, result
+        if misfits:
+            shown = "\n  ".join(misfits[:20]) + (f"\n  ... and {len(misfits) - 20} more" if len(misfits) > 20 else "")
+            raise ImageDataError(misfits[0] if len(misfits) == 1 else
+                                 f"{len(misfits)} files under {root} cannot be samples:\n  {shown}")
         if bad:
             shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             what = "unreadable image(s)" if strict else "unreadable or unusable image(s)"
@@ -530,8 +536,10 @@ class FolderDataModule(SplitDataModule):
             t.take(parts["train"]).update_hash(h)
         self.tables, self._fingerprint = tables, h.hexdigest()[:16]
         self.splits = {k: self.make_dataset(root, rows_, k) for k, rows_ in parts.items()}
-        log.info("%s: %d samples under %s: %d train, %d val, %d test (data.val_fraction, data.test_fraction)",
-                 type(self).__name__, n, root, *(len(parts[k]) for k in ("train", "val", "test")))
+        counts = [len(parts[k]) for k in ("train", "val", "test")]
+        left_out = f"; {n - sum(counts)} left out by data.max_train_samples or as unusable" if sum(counts) < n else ""
+        log.info("%s: %d samples under %s: %d train, %d val, %d test (data.val_fraction, data.test_fraction%s)",
+                 type(self).__name__, n, root, *counts, left_out)
 
     def make_dataset(self, root: Path, rows: np.ndarray, split: str) -> ImageFileDataset:
         names = [t.take(rows) for t in self.tables]
