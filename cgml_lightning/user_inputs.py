@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cgml_lightning.data.degradations import Degradation, apply_mask
 from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, inspect_image, list_images,
-                                         open_image, to_tensor)
+                                         open_image, split_pair, to_tensor)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -166,6 +166,49 @@ def load_images(files: list[Path], channels: int, size: tuple[int, int], crop: b
         img = open_checked(path, key, "L" if channels == 1 else "RGB")
         images.append(to_tensor(fit_size(img, path, size, crop, key)))
     return torch.stack(images)
+
+
+def paired_direction(data_info: Mapping[str, Any]) -> str | None:
+    """AtoB or BtoA for a checkpoint trained on image pairs (paired folders, or paired litdata chunks), else None."""
+    data = data_info.get("data") or {}
+    name = str(data.get("_target_") or "").rsplit(".", 1)[-1]
+    identity = (data_info.get("degradation") or {}).get("task", "identity") == "identity"
+    if name == "PairedFolderDataModule" or (name == "StreamingDataModule" and identity and data.get("direction")):
+        return data.get("direction") or "AtoB"
+    return None
+
+
+def input_side(files: list[Path], folder: Path, direction: str) -> list[Path]:
+    """A paired checkpoint given a folder with A/ and B/: the input side's files only (A/ for AtoB, B/ for BtoA)."""
+    side = folder.expanduser() / direction[0]
+    if not (side.is_dir() and (folder.expanduser() / direction[-1]).is_dir()):
+        return files
+    log.info("input: a paired checkpoint (%s): reading the images under %s", direction, side)
+    return [f for f in files if side in f.parents]
+
+
+def load_pair_inputs(files: list[Path], channels: int, size: tuple[int, int], direction: str, crop: bool = False,
+                     key: str = "input") -> tuple[Tensor, Tensor | None]:
+    """A paired checkpoint's inputs [N, C, H, W], and their truths when the files are A|B images (twice the model's
+    width: split in half, the input side per direction, the other half the truth); other files are inputs as
+    they are (no truth). A mix of the two is an error naming the first file of the other kind."""
+    h, w = size
+    inputs, truths, pairs, single = [], [], [], []
+    for path in files:
+        img = open_checked(path, key, "L" if channels == 1 else "RGB")
+        if abs(img.size[0] / img.size[1] - 2 * w / h) <= ASPECT_TOLERANCE * 2 * w / h:
+            a, b = split_pair(img, str(path))
+            given, truth = (a, b) if direction == "AtoB" else (b, a)
+            inputs.append(to_tensor(fit_size(given, path, size, crop, key)))
+            truths.append(to_tensor(fit_size(truth, path, size, crop, key)))
+            pairs.append(path)
+        else:
+            inputs.append(to_tensor(fit_size(img, path, size, crop, key)))
+            single.append(path)
+    if pairs and single:
+        raise ImageDataError(f"{key}: {pairs[0]} is an A|B image (twice as wide as the model's {w}x{h}) but "
+                             f"{single[0]} is a single image; give one kind")
+    return torch.stack(inputs), (torch.stack(truths) if truths else None)
 
 
 def load_mask(path: str | Path, size: tuple[int, int], crop: bool = False) -> Tensor:

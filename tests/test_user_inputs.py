@@ -190,6 +190,33 @@ def test_completion_applies_the_task_mask_or_the_users_mask(tmp_path):
     torch.testing.assert_close(masked.x[:, 0, :, 4:], images[:, 0, :, 4:])
 
 
+def test_a_paired_checkpoint_reads_ab_images_and_the_input_side_of_a_folder(tmp_path):
+    """A|B files split into the input side (per direction) and the truth; a folder with A/ and B/ gives the input
+    side's files only; single images are inputs without a truth; a mix is named."""
+    from cgml_lightning.user_inputs import input_side, load_pair_inputs, paired_direction
+
+    a = gradient(8, 8)
+    save(tmp_path / "ab.png", np.concatenate([a, 255 - a], axis=1))
+    x, truth = load_pair_inputs([tmp_path / "ab.png"], 1, (8, 8), "AtoB")
+    torch.testing.assert_close(x + truth, torch.ones(1, 1, 8, 8))
+    assert torch.equal(x[0, 0], torch.from_numpy(a).float() / 255)
+    x_back, truth_back = load_pair_inputs([tmp_path / "ab.png"], 1, (8, 8), "BtoA")
+    assert torch.equal(x_back, truth) and torch.equal(truth_back, x)
+    save(tmp_path / "single.png", a)
+    assert load_pair_inputs([tmp_path / "single.png"], 1, (8, 8), "AtoB")[1] is None
+    with pytest.raises(ImageDataError, match=r"ab.png is an A\|B image .*single.png is a single image"):
+        load_pair_inputs([tmp_path / "ab.png", tmp_path / "single.png"], 1, (8, 8), "AtoB")
+    pairs = tmp_path / "pairs"
+    for side in "AB":
+        (pairs / side).mkdir(parents=True)
+        save(pairs / side / "0.png", a)
+    assert input_side(image_files(pairs), pairs, "BtoA") == [pairs / "B" / "0.png"]
+    assert input_side(image_files(tmp_path / "pairs" / "A"), tmp_path / "pairs" / "A", "AtoB") == [pairs / "A" / "0.png"]
+    paired = {"data": {"_target_": "cgml_lightning.data.PairedFolderDataModule", "direction": "BtoA"},
+              "degradation": {"task": "identity"}}
+    assert paired_direction(paired) == "BtoA" and paired_direction(DIGITS_INFO) is None
+
+
 def test_a_masks_transparent_pixels_are_visible(tmp_path):
     """A white box on a transparent layer (as an editor draws it) is the hole; transparent pixels, whatever colour
     they hold, are visible."""

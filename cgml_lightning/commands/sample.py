@@ -16,8 +16,8 @@ from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
 from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module, user_errors
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
-                                        input_channels, load_hint, load_images, load_mask, readable_images,
-                                        task_degradation)
+                                        input_channels, input_side, load_hint, load_images, load_mask,
+                                        load_pair_inputs, paired_direction, readable_images, task_degradation)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -37,13 +37,19 @@ def sample_inputs(cfg: DictConfig, module: ConditionalModule) -> tuple[UserInput
         if not cfg.get("mask"):
             return UserInputs(x, y, []), dm
         return build_inputs(info, degradation, y, [], mask, degrade=True, seed=cfg.seed), dm   # test images, user mask
-    files = image_files(cfg.input)
+    files, direction = image_files(cfg.input), paired_direction(info)
+    if direction and Path(cfg.input).expanduser().is_dir():
+        files = input_side(files, Path(cfg.input), direction)
     if len(files) > cfg.num_inputs:
         log.warning("input: sampling the first %d of %d images under %s (num_inputs=%d; raise it for more)",
                     cfg.num_inputs, len(files), cfg.input, cfg.num_inputs)
     if Path(cfg.input).expanduser().is_dir():                  # a folder's corrupt files are skipped, as in training
         files = readable_images(files, cfg.num_inputs)
     files = files[: cfg.num_inputs]
+    if direction:                                  # pairs: A|B files give the input side and the truth
+        x, truth = load_pair_inputs(files, channels, (height, width), direction, cfg.crop)
+        x = build_inputs(info, degradation, x, [], mask, degrade=False).x          # shapes checked; no mask here
+        return UserInputs(x, truth, [str(f) for f in files]), None
     images = load_images(files, input_channels(info, degradation, cfg.degrade), (height, width), cfg.crop)
     return build_inputs(info, degradation, images, [str(f) for f in files], mask, cfg.degrade, cfg.seed), None
 
