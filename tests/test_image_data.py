@@ -348,6 +348,19 @@ def test_paired_folders_layout_matches_names(tmp_path):
         assert torch.allclose(batch["y"], 1 - batch["x"], atol=1e-6)
 
 
+def test_paired_names_match_however_their_unicode_is_encoded(tmp_path):
+    import unicodedata
+
+    for i, name in enumerate(("café", "crème", "plain")):
+        a = pixels(i, (9, 7), 3)
+        for side, array, form in (("A", a, "NFC"), ("B", 255 - a, "NFD")):       # macOS writes NFD
+            (tmp_path / side).mkdir(exist_ok=True)
+            Image.fromarray(array).save(tmp_path / side / f"{unicodedata.normalize(form, name)}.png")
+    dm = make(PairedFolderDataModule, tmp_path, image_size=None, val_fraction=0.0, test_fraction=0.0)
+    assert len(dm.files) == 3
+    assert torch.allclose(split_batch(dm, "train")["y"], 1 - split_batch(dm, "train")["x"], atol=1e-6)
+
+
 def test_paired_size_mismatch_names_files_and_sizes(tmp_path):
     for i in range(4):
         write_images(tmp_path / "A", 1, size=(8, 8), seed=i)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import unicodedata
 import warnings
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -676,13 +677,14 @@ def warn_if_not_side_by_side(path: Path) -> None:
 
 
 def pair_tables(root: Path) -> tuple[FileTable, FileTable]:
-    """(A files, B files) matched by relative name without extension, in sorted order of those names; an error
-    listing names found on one side only, or twice on one side (a.png beside a.jpg)."""
+    """(A files, B files) matched by relative name without extension (Unicode-normalised: café matches café, however
+    each is encoded), in sorted order of those names; an error listing names found on one side only, or twice on
+    one side (a.png beside a.jpg)."""
     sides = []
     for s in ("A", "B"):
         found: dict[str, tuple[str, int]] = {}
         for name, size in walk_images(root / s):
-            stem = os.path.splitext(name)[0]
+            stem = unicodedata.normalize("NFC", os.path.splitext(name)[0])     # macOS writes names decomposed (NFD)
             if stem in found:
                 raise ValueError(f"{root / s / found[stem][0][2:]} and {root / s / name}: one name with two "
                                  f"extensions in {s}/; pairs are matched by name without extension, so keep one")
