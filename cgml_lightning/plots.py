@@ -32,6 +32,9 @@ def image_grid(x: Tensor, samples: Tensor, y: Tensor | None = None, scale: int =
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
+MAX_PANELS = 8                  # y dimensions drawn for vector data without known modes
+
+
 def draw_toy(ax, x: Tensor, samples: Tensor, modes: Tensor | None, dim: int = 0) -> None:
     """On a matplotlib axis: output dimension `dim` of the samples [B, N, D] (red) against x [B, 1], and the true
     modes [B, K, D] as black lines (None: no modes)."""
@@ -71,11 +74,14 @@ def save_samples_png(module, datamodule, path: str | Path, num_inputs: int = 8, 
     elif hasattr(datamodule, "grid"):
         x = datamodule.grid(100)
         toy_plot(x, module.sample(x, num_samples, seed=seed).cpu(), datamodule.modes(x), path)
-    else:                                                      # vector data without known modes: first input dim
+    else:                                                      # vector data without known modes: first input value
         batch = first_test_batch(datamodule)
         x = batch["x"][:100]
-        order = x[:, 0].argsort()
-        toy_plot(x[order], module.sample(x[order], num_samples, seed=seed).flatten(2).cpu(), None, path)
+        order = x.flatten(1)[:, 0].argsort()
+        samples = module.sample(x[order], num_samples, seed=seed).flatten(2).cpu()
+        more = f" (the first {MAX_PANELS} of {samples.shape[-1]})" if samples.shape[-1] > MAX_PANELS else ""
+        toy_plot(x[order].flatten(1)[:, :1], samples[..., :MAX_PANELS], None, path,
+                 f"samples (red) against x[0], one panel per y dimension{more}")
     return path
 
 

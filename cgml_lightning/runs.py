@@ -243,6 +243,10 @@ def inference_module(cfg: DictConfig) -> ConditionalModule:
     weights = cfg.get("weights", "averaged")
     if weights not in ("averaged", "live"):
         raise ValueError(f"weights must be averaged or live; got {weights!r}")
+    for key in ("num_samples", "num_inputs"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be a positive whole number; got {value!r}")
     module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
     if weights == "live":
         module.ema = None
@@ -257,7 +261,14 @@ def weights_in_use(module: ConditionalModule) -> str:
 def inference_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name}: not a device (auto, cpu, cuda, cuda:1, mps)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: this torch sees no CUDA device (a CPU build, or no GPU); use device=cpu "
+                         f"or device=auto")
+    return device
 
 
 def warn_degradation_changes(given: dict[str, Any], trained: dict[str, Any]) -> None:
@@ -298,9 +309,11 @@ def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     shapes = {k: list(trained[k]) for k in ("x_shape", "y_shape") if k in trained}
     now_shapes = {k: list(now[k]) for k in shapes}
     if now_shapes != shapes:
-        raise ValueError(f"{source} gives x {now_shapes.get('x_shape')} and y {now_shapes.get('y_shape')} ([C, H, W]), "
+        fix = ("set data.image_size (and data.channels, data.task) as in training" if trained.get("kind") == "image"
+               else "give data with arrays of those shapes per sample")
+        raise ValueError(f"{source} gives x {now_shapes.get('x_shape')} and y {now_shapes.get('y_shape')} per sample, "
                          f"but {cfg.ckpt_path} was trained on x {shapes.get('x_shape')} and y {shapes.get('y_shape')}; "
-                         f"set data.image_size (and data.channels, data.task) as in training")
+                         f"{fix}")
     if trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"]:
         recorded = recorded or {}
         used = given if "_target_" in given else {**recorded, **given}
@@ -434,12 +447,16 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
     leaves the error to Hydra (its sweepers and launchers handle failed jobs); HYDRA_FULL_ERROR=1 and errors raised
     outside the package keep Hydra's report."""
     from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
 
     try:
         yield
-    except (*USER_ERRORS, InstantiationException) as caught:
+    except (*USER_ERRORS, InstantiationException, MissingMandatoryValue) as caught:
         err = caught.__cause__ if isinstance(caught, InstantiationException) else caught   # a constructor's check
-        if not isinstance(err, USER_ERRORS) or not raised_in_package(err):
+        if isinstance(err, MissingMandatoryValue):                    # a config's ??? left unset
+            key = err.full_key or "a required key"
+            err = ValueError(f"{key} is required: give it on the command line ({key}=...)")
+        elif not isinstance(err, USER_ERRORS) or not raised_in_package(err):
             raise
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, str(err), None, None)
         for handler in logging.getLogger().handlers:              # the run's log file; the console gets it once
@@ -488,13 +505,18 @@ def task(loggers: list) -> Iterator[None]:
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     """The metric a sweeper optimizes (cfg.optimized_metric) in a multirun; a missing or non-numeric one fails the
-    job, naming the keys there are. A single run returns None (nothing consumes it)."""
-    key = cfg.get("optimized_metric")
-    if not key or HydraConfig.get().mode != RunMode.MULTIRUN:
+    job under a sweeper that optimizes (Optuna), naming the keys there are, and is a warning in a grid (Hydra's
+    basic sweeper consumes nothing). A single run returns None (nothing consumes it)."""
+    key, hydra_cfg = cfg.get("optimized_metric"), HydraConfig.get()
+    if not key or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     value = metrics.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        raise KeyError(f"optimized_metric={key}: this run's metrics have no number under that key; the metrics are "
-                       f"{numeric}. Set optimized_metric= (and optimized_direction=) to one of them.")
+        message = (f"optimized_metric={key}: this run's metrics have no number under that key; the metrics are "
+                   f"{numeric}. Set optimized_metric= (and optimized_direction=) to one of them.")
+        if str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            log.warning("%s (a grid uses no optimized value; its results are in metrics.json)", message)
+            return None
+        raise KeyError(message)
     return float(value)

@@ -396,6 +396,10 @@ def test_user_errors_end_a_single_run_with_the_message_alone(tmp_path, monkeypat
         torch.utils.data.DataLoader([], batch_size=-3)                   # torch's own error: Hydra reports it
     with pytest.raises(TypeError), user_errors(multirun=False):
         check_root(3)                                                     # a bug's error, not a check's
+    unset = OmegaConf.create({"data": {"path": "???"}})
+    with pytest.raises(SystemExit), user_errors(multirun=False):          # a config's ??? left unset
+        unset.data.path
+    assert capsys.readouterr().err.startswith("Error: data.path is required: give it on the command line")
     handler = logging.FileHandler(tmp_path / "job.log")                   # a multirun job's log file
     logging.getLogger().addHandler(handler)
     try:
@@ -602,10 +606,18 @@ def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):
 
 
 def test_eval_missing_checkpoint_fails(tmp_path):
-    from cgml_lightning.runs import load_for_inference
+    from cgml_lightning.runs import inference_device, load_for_inference
 
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_for_inference(OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt")}))
+    for key, value in (("num_samples", 0), ("num_inputs", -2)):
+        with pytest.raises(ValueError, match=f"{key} must be a positive whole number; got {value}"):
+            load_for_inference(OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt"), key: value}))
+    with pytest.raises(ValueError, match="device=tpu9: not a device"):
+        inference_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device=cuda: this torch sees no CUDA device"):
+            inference_device("cuda")
 
 
 def test_multirun_sweep(workdir):

@@ -127,7 +127,24 @@ def test_npz_object_array_is_refused(tmp_path):
 def test_npz_not_a_zip(tmp_path):
     path = tmp_path / "garbage.npz"
     path.write_bytes(b"this is not an npz archive at all")
-    assert_bad(str(path), "not a readable .npz")
+    assert_bad(str(path), "not an .npz archive")
+    np.save(tmp_path / "plain.npy", np.zeros(4))                     # a .npy array, not an archive of x and y
+    assert_bad(str(tmp_path / "plain.npy"), "not an .npz archive")
+    with pytest.raises(ValueError) as err:                 # numpy's advice to load with pickles: not passed on
+        load_npz(str(path))
+    assert "allow_pickle" not in str(err.value)
+
+
+def test_npz_far_from_unit_scale_is_named(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 2)), rng.normal(size=(60, 3))
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        load_npz(write(tmp_path, "unit.npz", x=x, y=y))
+    assert "unit scale" not in caplog.text
+    y[:, 1] *= 1000
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        load_npz(write(tmp_path, "grams.npz", x=x, y=y))
+    assert "array 'y' is far from unit scale (column 1" in caplog.text and "standardise" in caplog.text
 
 
 def test_npz_scalar_array(tmp_path):
@@ -136,3 +153,20 @@ def test_npz_scalar_array(tmp_path):
 
 def test_npz_too_few_samples(tmp_path):
     assert_bad(write(tmp_path, x=np.zeros(2), y=np.zeros(2)), "at least 3")
+
+
+def test_the_picture_of_multi_axis_inputs_and_many_outputs(tmp_path):
+    """x with two feature axes is sorted by its first value; y with many dimensions draws the first eight panels."""
+    from cgml_lightning import CGMLModule
+    from cgml_lightning.plots import save_samples_png
+
+    rng = np.random.default_rng(0)
+    dm = NpzDataModule(path=write(tmp_path, x=rng.normal(size=(40, 2, 3)), y=rng.normal(size=(40, 12))),
+                       batch_size=8)
+    dm.setup()
+    module = CGMLModule(dm.info(), {"name": "mlp", "width": 16, "depth": 2}, latent_dim=4, z_phase="paper")
+    path = save_samples_png(module, dm, tmp_path / "samples.png")
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert width < 8 * 4 * 100 * 1.2 and height < 400                  # eight panels of 4 x 3.2 inches at 100 dpi

@@ -1,6 +1,7 @@
 """A user's own arrays: an .npz file with float arrays `x` and `y`, first axis = samples; shapes inferred."""
 from __future__ import annotations
 
+import logging
 import zipfile
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import torch
 from torch import Tensor
 
 from cgml_lightning.data.base import ArrayDataModule
+
+log = logging.getLogger("cgml_lightning")
+SCALE_LIMIT = 20.0              # a column's |mean| or std beyond this (or std below its inverse): warned
 
 
 class NpzDataModule(ArrayDataModule):
@@ -29,11 +33,15 @@ def load_npz(path: str | None) -> tuple[Tensor, Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"data.path: no such file: {file.resolve()}")
+    if not zipfile.is_zipfile(file):               # a .npy array, text, or a file cut short: np.load's own message
+        raise ValueError(f"{file}: not an .npz archive (np.savez writes one, with arrays named x and y)")   # misleads
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{file}: not a readable .npz file without pickled objects ({err})") from err
+        # numpy's text suggests allow_pickle=True, which would run the file's code: not passed on
+        raise ValueError(f"{file}: not a readable .npz file of plain arrays (it holds pickled objects, or is "
+                         f"damaged); nothing in it was run") from None
     for name in ("x", "y"):
         if name not in arrays:
             raise ValueError(f"{file}: missing array {name!r} (found: {sorted(arrays) or 'none'})")
@@ -56,4 +64,19 @@ def load_npz(path: str | None) -> tuple[Tensor, Tensor]:
     if len(x) < 3:
         raise ValueError(f"{file}: needs at least 3 samples to split into train/val/test; got {len(x)}")
     as_2d = lambda a: a.reshape(len(a), -1) if a.ndim == 1 else a          # noqa: E731  (N,) -> (N, 1)
-    return torch.from_numpy(as_2d(x).astype(np.float32)), torch.from_numpy(as_2d(y).astype(np.float32))
+    x, y = torch.from_numpy(as_2d(x).astype(np.float32)), torch.from_numpy(as_2d(y).astype(np.float32))
+    warn_scale(file, x, y)
+    return x, y
+
+
+def warn_scale(file: Path, x: Tensor, y: Tensor) -> None:
+    """The nets, the z-phase's step sizes and the distances are set for values of order 1: arrays far from that
+    (a mean or spread beyond SCALE_LIMIT, or a spread below 1 / SCALE_LIMIT) train poorly, so say so."""
+    for name, a in (("x", x), ("y", y)):
+        mean, std = a.mean(0), a.std(0)
+        far = (mean.abs() > SCALE_LIMIT) | (std > SCALE_LIMIT) | ((std < 1 / SCALE_LIMIT) & (std > 0))
+        if far.any():
+            i = int(far.nonzero()[0][0])
+            log.warning("%s: array %r is far from unit scale (column %d: mean %.3g, std %.3g); the models are set "
+                        "for values of order 1, so standardise x and y (subtract each column's mean, divide by its "
+                        "std) before saving, and scale the samples back", file, name, i, float(mean[i]), float(std[i]))

@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -320,6 +321,28 @@ class ConditionalModule(L.LightningModule):
                 param.requires_grad_(False)
         return frozen
 
+    # ---- the batch contract -------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
+        """Check a batch on the host, before it moves: a dict with x and y of the model's shapes and, in training,
+        `index` rows of the latent table (0 <= index < num_train_samples); floating tensors take the module's
+        dtype (numpy's float64 included)."""
+        if not isinstance(batch, Mapping) or not {"x", "y", "index"} <= set(batch):
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"a batch must be a dict with 'x', 'y' and 'index' (the sample's row of the latent "
+                             f"table); got {got}")
+        for key, shape in (("x", self.x_shape), ("y", self.y_shape)):
+            if tuple(batch[key].shape[1:]) != shape:
+                raise ValueError(f"batch[{key!r}] has shape {list(batch[key].shape)}; this model takes "
+                                 f"[B, {', '.join(map(str, shape))}]")
+        batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        if self._trainer is not None and self.trainer.training:
+            index, rows = batch["index"], int(self.data_info["num_train_samples"])
+            if index.is_floating_point() or (len(index) and (int(index.min()) < 0 or int(index.max()) >= rows)):
+                raise ValueError(f"batch['index'] must hold integer rows of the latent table, 0 to {rows - 1} "
+                                 f"(num_train_samples={rows}): each training sample's own row; got "
+                                 f"{index.min().item()} to {index.max().item()}")
+        return batch
+
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:
         """The mask of the hole [B, 1, H, W] (1 = a pixel to fill) when the input carries it as its last channel."""
@@ -387,6 +410,11 @@ class ConditionalModule(L.LightningModule):
 
         pool: draw this many per input and keep the num_samples medoids of them (squared L2 between outputs;
         algorithm.medoids): a set that covers the sample distribution rather than independent draws."""
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive number of samples per input; got {num_samples!r}")
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise ValueError(f"x has shape {list(x.shape)}; this model takes a batch of inputs of shape "
+                             f"{list(self.x_shape)}: [B, {', '.join(map(str, self.x_shape))}]")
         drawn = num_samples if pool is None else pool
         if drawn < num_samples:
             raise ValueError(f"sample_pool={pool} must be at least num_samples={num_samples}")
@@ -397,7 +425,7 @@ class ConditionalModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            x = x.to(self.device)
+            x = x.to(self.device, self.dtype if x.is_floating_point() else None)     # numpy's float64 too
             with torch.no_grad(), self.averaged_weights():
                 out = self._sample(x, drawn, steps, guide, generator, **kwargs)
                 out = self.composite(out.flatten(0, 1), x.repeat_interleave(drawn, 0)).view(out.shape)
