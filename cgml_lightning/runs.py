@@ -103,11 +103,11 @@ def keep_earlier_record(record: Path) -> None:
 
 
 class TrainingFolderGuard(Callback):
-    """cgml-train's Hydra callback: check_fresh_training_folder before Hydra writes the run's record (.hydra/) into
-    the folder, so that a refused run leaves the earlier run's record as it was, and a resume keeps it under
-    .hydra/earlier/N/ (keep_earlier_record); for a multirun, every job folder
-    under hydra.sweep.dir before the sweep writes multirun.yaml and the jobs' records (run_train checks each job's
-    folder again, for folders a sweeper names otherwise)."""
+    """cgml-train's Hydra callback, run before Hydra writes a record into the folder: a fresh run is refused where
+    it would replace a training run (check_fresh_training_folder), so the earlier record stays as it was; a resume
+    moves the earlier record to .hydra/earlier/N/ (keep_earlier_record); a fresh multirun is refused where its job
+    folders hold checkpoints, before the sweep writes multirun.yaml and the jobs' records (check_fresh_sweep_folder;
+    run_train checks each job's folder again, for folders a sweeper names otherwise)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("ckpt_path") is None:

@@ -33,8 +33,8 @@ def load_npz(path: str | None) -> tuple[Tensor, Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"data.path: no such file: {file.resolve()}")
-    if not zipfile.is_zipfile(file):               # a .npy array, text, or a file cut short: np.load's own message
-        raise ValueError(f"{file}: not an .npz archive (np.savez writes one, with arrays named x and y)")   # misleads
+    if not zipfile.is_zipfile(file):               # a .npy array, text, a file cut short (np.load's message misleads)
+        raise ValueError(f"{file}: not an .npz archive (np.savez writes one, with arrays named x and y)")
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
