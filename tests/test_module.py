@@ -283,6 +283,21 @@ def test_the_batch_contract_is_checked_and_float64_is_taken(toy_dm):
         module.sample(x, num_samples=0)
 
 
+def test_evaluate_takes_a_users_own_datamodule(toy_dm):
+    """evaluate() needs only the test loader of a datamodule: a user's own, without this package's attributes."""
+    from torch.utils.data import DataLoader
+
+    from cgml_lightning.data.base import IndexedDataset
+    from cgml_lightning.evaluation import evaluate
+
+    class Own(L.LightningDataModule):
+        def test_dataloader(self):
+            return DataLoader(IndexedDataset(torch.rand(12, 1), torch.rand(12, 3)), batch_size=4)
+
+    metrics = evaluate(CGMLModule(toy_dm.info(), MLP_NET, **SMALL), Own(), num_samples=2, num_inputs=8)
+    assert metrics["num_inputs"] == 8 and metrics["l2_best_of_n"] > 0
+
+
 def test_fine_tuning_names_another_model_or_kind_of_data(fitted, toy_dm, tmp_path):
     """init_from a checkpoint of another model, or of another kind of data, says which, before listing weights."""
     _, _, path = fitted

@@ -60,7 +60,7 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         samples = module.sample(x, num_samples, generator=generator, pool=sample_pool).cpu()
         return {**mode_metrics(samples, datamodule.modes(x)), "num_inputs": len(x), "num_samples": num_samples,
                 **pool_key(sample_pool)}
-    image = datamodule.kind == "image"
+    image = module.data_info.get("kind") == "image"        # from the module: a user's datamodule needs no `kind`
     nets = nets or EvalNets()
     fid = fid_metric(nets.fid_features).to(module.device) if image and nets.fid_features is not None else None
     classifier = nets.classifier.to(module.device) if image and nets.classifier is not None else None
