@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from cgml_lightning.evaluation import data_kind
 from cgml_lightning.files import save_figure, save_image
 
 
@@ -67,7 +68,7 @@ def save_samples_png(module, datamodule, path: str | Path, num_inputs: int = 8, 
     """The picture a run leaves behind: toy plot for vector data with known modes, image grid for images."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if module.data_info.get("kind") == "image":
+    if data_kind(module, datamodule) == "image":
         batch = first_test_batch(datamodule)
         x, y = batch["x"][:num_inputs], batch["y"][:num_inputs]
         save_image(image_grid(x, module.sample(x, num_samples, seed=seed).cpu(), y), path)

@@ -260,23 +260,21 @@ def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, 
 
 
 def test_the_batch_contract_is_checked_and_float64_is_taken(toy_dm):
-    """A batch that breaks the contract is named before it reaches the nets: its keys, its shapes, and in training
-    an index outside the latent table; numpy's float64 is cast to the module's dtype, in batches and in sample()."""
+    """A training batch that breaks the contract is named before it reaches the nets: its keys, its shapes, its
+    dtype, and an index outside the latent table; sample() takes numpy's float64 and checks x's shape."""
     module = CGMLModule(toy_dm.info(), MLP_NET, **SMALL)
-    x, y, index = torch.rand(4, 1, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64), torch.arange(4)
-    batch = module.on_before_batch_transfer({"x": x, "y": y, "index": index}, 0)
-    assert batch["x"].dtype == batch["y"].dtype == torch.float32 and batch["index"].dtype == torch.long
+    x, y, index = torch.rand(4, 1), torch.rand(4, 3), torch.arange(4)
+    module.on_train_batch_start({"x": x, "y": y, "index": index}, 0)
     with pytest.raises(ValueError, match=r"must be a dict with 'x', 'y' and 'index'.*\['x', 'y'\]"):
-        module.on_before_batch_transfer({"x": x, "y": y}, 0)
+        module.on_train_batch_start({"x": x, "y": y}, 0)
     with pytest.raises(ValueError, match=r"batch\['y'\] has shape \[4, 2\]; this model takes \[B, 3\]"):
-        module.on_before_batch_transfer({"x": x, "y": y[:, :2], "index": index}, 0)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    module.trainer = trainer
-    trainer.state.fn, trainer.training = "fit", True
+        module.on_train_batch_start({"x": x, "y": y[:, :2], "index": index}, 0)
+    with pytest.raises(ValueError, match=r"batch\['x'\] is torch.float64 \(numpy's default\); give float32"):
+        module.on_train_batch_start({"x": x.double(), "y": y, "index": index}, 0)
     rows = toy_dm.info()["num_train_samples"]
     with pytest.raises(ValueError, match=rf"rows of the latent table, 0 to {rows - 1}"):
-        module.on_before_batch_transfer({"x": x, "y": y, "index": index + rows}, 0)
-    assert module.sample(x, num_samples=2, seed=0).dtype == torch.float32
+        module.on_train_batch_start({"x": x, "y": y, "index": index + rows}, 0)
+    assert module.sample(x.double(), num_samples=2, seed=0).dtype == torch.float32
     with pytest.raises(ValueError, match=r"x has shape \[4, 2\]; this model takes .*\[1\]"):
         module.sample(torch.rand(4, 2), num_samples=2)
     with pytest.raises(ValueError, match="num_samples must be a positive number"):

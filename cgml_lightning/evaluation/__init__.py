@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 FID_REFERENCE = "test targets"       # what FID compares the samples with: the clean images of the evaluated inputs
 
 
+def data_kind(module, datamodule) -> str | None:
+    """image or vector: the datamodule's kind, else the one the module recorded (a user's own datamodule)."""
+    return getattr(datamodule, "kind", None) or (getattr(module, "data_info", None) or {}).get("kind")
+
+
 def first_inputs(batches: Iterable[dict[str, Any]], num_inputs: int) -> Iterator[dict[str, Any]]:
     """The batches cut to their first num_inputs inputs (every tensor of a batch sliced alike); no batch is drawn
     after the last one needed."""
@@ -60,7 +65,7 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
         samples = module.sample(x, num_samples, generator=generator, pool=sample_pool).cpu()
         return {**mode_metrics(samples, datamodule.modes(x)), "num_inputs": len(x), "num_samples": num_samples,
                 **pool_key(sample_pool)}
-    image = module.data_info.get("kind") == "image"        # from the module: a user's datamodule needs no `kind`
+    image = data_kind(module, datamodule) == "image"
     nets = nets or EvalNets()
     fid = fid_metric(nets.fid_features).to(module.device) if image and nets.fid_features is not None else None
     classifier = nets.classifier.to(module.device) if image and nets.classifier is not None else None

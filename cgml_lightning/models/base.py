@@ -322,10 +322,9 @@ class ConditionalModule(L.LightningModule):
         return frozen
 
     # ---- the batch contract -------------------------------------------------------------------------------
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
-        """Check a batch on the host, before it moves: a dict with x and y of the model's shapes and, in training,
-        `index` rows of the latent table (0 <= index < num_train_samples); floating tensors take the module's
-        dtype (numpy's float64 included)."""
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A training batch breaking the contract is named before it reaches the nets: a dict with x and y of the
+        model's shapes (not float64), and `index` rows of the latent table (0 <= index < num_train_samples)."""
         if not isinstance(batch, Mapping) or not {"x", "y", "index"} <= set(batch):
             got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(f"a batch must be a dict with 'x', 'y' and 'index' (the sample's row of the latent "
@@ -334,14 +333,14 @@ class ConditionalModule(L.LightningModule):
             if tuple(batch[key].shape[1:]) != shape:
                 raise ValueError(f"batch[{key!r}] has shape {list(batch[key].shape)}; this model takes "
                                  f"[B, {', '.join(map(str, shape))}]")
-        batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        if self._trainer is not None and self.trainer.training:
-            index, rows = batch["index"], int(self.data_info["num_train_samples"])
-            if index.is_floating_point() or (len(index) and (int(index.min()) < 0 or int(index.max()) >= rows)):
-                raise ValueError(f"batch['index'] must hold integer rows of the latent table, 0 to {rows - 1} "
-                                 f"(num_train_samples={rows}): each training sample's own row; got "
-                                 f"{index.min().item()} to {index.max().item()}")
-        return batch
+            if batch[key].dtype == torch.float64:          # numpy's default; the precision plugins cast the others
+                raise ValueError(f"batch[{key!r}] is torch.float64 (numpy's default); give float32 tensors, e.g. "
+                                 f"torch.from_numpy(a).float()")
+        index, rows = batch["index"], int(self.data_info["num_train_samples"])
+        if index.is_floating_point() or (len(index) and (int(index.min()) < 0 or int(index.max()) >= rows)):
+            raise ValueError(f"batch['index'] must hold integer rows of the latent table, 0 to {rows - 1} "
+                             f"(num_train_samples={rows}): each training sample's own row; got "
+                             f"{index.min().item()} to {index.max().item()}")
 
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:
