@@ -173,7 +173,7 @@ def paired_direction(data_info: Mapping[str, Any]) -> str | None:
     data = data_info.get("data") or {}
     name = str(data.get("_target_") or "").rsplit(".", 1)[-1]
     identity = (data_info.get("degradation") or {}).get("task", "identity") == "identity"
-    if name == "PairedFolderDataModule" or (name == "StreamingDataModule" and identity and data.get("direction")):
+    if name == "PairedFolderDataModule" or (name == "StreamingDataModule" and identity):
         return data.get("direction") or "AtoB"
     return None
 

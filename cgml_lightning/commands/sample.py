@@ -37,13 +37,13 @@ def sample_inputs(cfg: DictConfig, module: ConditionalModule) -> tuple[UserInput
         if not cfg.get("mask"):
             return UserInputs(x, y, []), dm
         return build_inputs(info, degradation, y, [], mask, degrade=True, seed=cfg.seed), dm   # test images, user mask
-    files, direction = image_files(cfg.input), paired_direction(info)
-    if direction and Path(cfg.input).expanduser().is_dir():
+    files, direction, folder = image_files(cfg.input), paired_direction(info), Path(cfg.input).expanduser().is_dir()
+    if direction and folder:
         files = input_side(files, Path(cfg.input), direction)
     if len(files) > cfg.num_inputs:
         log.warning("input: sampling the first %d of %d images under %s (num_inputs=%d; raise it for more)",
                     cfg.num_inputs, len(files), cfg.input, cfg.num_inputs)
-    if Path(cfg.input).expanduser().is_dir():                  # a folder's corrupt files are skipped, as in training
+    if folder:                                                 # a folder's corrupt files are skipped, as in training
         files = readable_images(files, cfg.num_inputs)
     files = files[: cfg.num_inputs]
     if direction:                                  # pairs: A|B files give the input side and the truth

@@ -337,10 +337,10 @@ class ConditionalModule(L.LightningModule):
                 raise ValueError(f"batch[{key!r}] is torch.float64 (numpy's default); give float32 tensors, e.g. "
                                  f"torch.from_numpy(a).float()")
         index, rows = batch["index"], int(self.data_info["num_train_samples"])
-        if index.is_floating_point() or (len(index) and (int(index.min()) < 0 or int(index.max()) >= rows)):
+        low, high = torch.stack(torch.aminmax(index)).tolist() if len(index) else (0, 0)   # one device sync a step
+        if index.is_floating_point() or low < 0 or high >= rows:
             raise ValueError(f"batch['index'] must hold integer rows of the latent table, 0 to {rows - 1} "
-                             f"(num_train_samples={rows}): each training sample's own row; got "
-                             f"{index.min().item()} to {index.max().item()}")
+                             f"(num_train_samples={rows}): each training sample's own row; got {low} to {high}")
 
     # ---- data helpers -------------------------------------------------------------------------------------
     def hole(self, x: Tensor) -> Tensor | None:
