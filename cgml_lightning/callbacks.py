@@ -1,18 +1,23 @@
-"""Callbacks: sample pictures written each validation epoch, into the run dir and to loggers that take images."""
+"""Callbacks: sample pictures each validation epoch, a checkpoint on a cluster's stop signals, and Lightning's
+ModelCheckpoint following a moved run folder."""
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import log_picture, logged_step
 
-__all__ = ["SampleGrid", "PreemptionCheckpoint"]
+__all__ = ["SampleGrid", "PreemptionCheckpoint", "RunCheckpoint"]
+
+log = logging.getLogger("cgml_lightning")
 
 
 class Preempted(Exception):
@@ -43,6 +48,33 @@ class SampleGrid(L.Callback):
                 if trainer.datamodule.kind == "image" else "samples (red) against x, true modes (black) where known")
         log_picture(trainer.loggers, "samples", path, f"epoch {trainer.current_epoch}: {rows}",
                     logged_step(trainer))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that follows its run folder when the folder moves: resumed from a moved or copied
+    run (its checkpoints beside it), it takes over the files it recorded under their new paths, so it replaces
+    last.ckpt and the earlier best instead of writing last-v1.ckpt beside a stale best. A checkpoint from another
+    folder (its files not here) keeps Lightning's own behaviour: only best_model_path is reloaded."""
+
+    PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        was, now = state_dict.get("dirpath"), self.dirpath
+        if was and now and was != now:
+            def here(path: str) -> str:
+                return str(Path(now) / Path(path).relative_to(was)) if path and Path(path).is_relative_to(was) else path
+
+            recorded = [state_dict.get(key) for key in self.PATH_KEYS] + list(state_dict.get("best_k_models") or {})
+            if all(Path(here(path)).is_file() for path in recorded if path):
+                state_dict = {**state_dict, "dirpath": now,
+                              **{key: here(state_dict[key]) for key in self.PATH_KEYS if key in state_dict},
+                              "best_k_models": {here(p): v for p, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+def progress(trainer: L.Trainer) -> str:
+    """Where a run stands, in the training batches its logs count (not optimizer steps, several per cGML batch)."""
+    return f"after {logged_step(trainer)} training batches (epoch {trainer.current_epoch})"
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -98,8 +130,8 @@ class PreemptionCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path)
         self.preempted, self.received = signum, None
         if trainer.is_global_zero:
-            print(f"[cgml] {signal.Signals(signum).name}: saved {self.path} at step {trainer.global_step}; "
-                  f"resume with ckpt_path=last (or ckpt_path={self.path})", flush=True)
+            log.warning("%s: saved %s %s; resume with ckpt_path=last (or ckpt_path=%s)", signal.Signals(signum).name,
+                        self.path, progress(trainer), self.path)
         previous = self._previous.get(signum)
         self.restore_handlers()
         if callable(previous) and signum not in (signal.SIGINT, signal.SIGTERM):   # submitit re-queues on SIGUSR2
@@ -115,8 +147,7 @@ class PreemptionCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)
             self.preempted = signal.SIGTERM
             if trainer.is_global_zero:
-                print(f"[cgml] SIGTERM: saved {self.path} at step {trainer.global_step}; resume with ckpt_path=last",
-                      flush=True)
+                log.warning("SIGTERM: saved %s %s; resume with ckpt_path=last", self.path, progress(trainer))
         self.restore_handlers()
 
     def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:

@@ -85,16 +85,37 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return read_checkpoint_bytes(path)[0]
 
 
+def recorded_step(path: Path) -> int | None:
+    """The training step a checkpoint file records (its global_step; -1 where it records none), or None for a file
+    that is not a whole checkpoint (cut short while saving, or not one torch.save wrote). Reads the archive's
+    record only (mmap), weights only."""
+    if not zipfile.is_zipfile(path):                 # torch.save's archive ends with its directory: cut short, none
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return None
+    if not isinstance(checkpoint, dict):
+        return None
+    step = checkpoint.get("global_step")
+    return step if isinstance(step, int) else -1                    # whole, but from no Lightning run: ranked last
+
+
 def newest_checkpoint(folder: str | Path) -> Path | None:
-    """The most recently written whole checkpoint in folder (stop checkpoints aside), or None when there is none.
-    A file cut short (a job killed while it saved) is skipped with a warning for the next newest; a folder of
-    such files only is an error, so that a run never restarts from scratch over them."""
-    found = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS),
-                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    """The whole checkpoint in folder that records the most training (its global_step; the most recently written
+    of equals), stop checkpoints aside, or None when there is none. File times alone would pick an older one after
+    a copy that does not keep them. A file cut short (a job killed while it saved) is skipped with a warning; a
+    folder of such files only is an error, so that a run never restarts from scratch over them."""
+    found = [p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS]
+    whole = []
     for path in found:
-        if zipfile.is_zipfile(path):                 # torch.save's archive ends with its directory: cut short, none
-            return path
-        log.warning("%s: not a whole checkpoint (cut short while saving?); looking for an older one", path)
+        step = recorded_step(path)
+        if step is None:
+            log.warning("%s: not a whole checkpoint (cut short while saving?); passed over", path)
+        else:
+            whole.append((step, path.stat().st_mtime_ns, path))
+    if whole:
+        return max(whole)[2]
     if found:
         raise ValueError(f"{folder}: none of its checkpoints is whole ({', '.join(p.name for p in found[:5])}); "
                          f"resume from another copy with ckpt_path=PATH")

@@ -67,6 +67,30 @@ def check_output_dir() -> Path:
     return out
 
 
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")      # they split parameters across ranks; the latent table must stay whole
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Refuse, before anything is built, a trainer this machine or the module cannot run: a GPU accelerator where
+    torch sees no CUDA device, a sharded strategy, or several processes under submitit's local launcher (Lightning
+    starts the other ranks with a command line that submitit's job runner rejects)."""
+    accelerator, strategy = str(trainer.get("accelerator", "auto")), str(trainer.get("strategy", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} (trainer=gpu, trainer=ddp): this torch "
+                         f"({torch.__version__}) sees no CUDA device; train on the CPU with trainer=cpu, or in two "
+                         f"CPU processes with trainer=ddp_sim")
+    if any(name in strategy.lower() for name in SHARDED_STRATEGIES):
+        raise ValueError(f"trainer.strategy={strategy}: a sharded strategy would split the per-sample latent table "
+                         f"across ranks, whose row writes must stay whole on every rank; use trainer=ddp")
+    devices = trainer.get("devices", "auto")
+    count = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) else 1
+    launcher = str(HydraConfig.get().launcher.get("_target_", "")) if HydraConfig.initialized() else ""
+    if launcher.endswith("LocalLauncher") and "submitit" in launcher and count * int(trainer.get("num_nodes", 1)) > 1:
+        raise ValueError(f"hydra/launcher=submitit_local runs each job as one process, and trainer.devices={devices} "
+                         f"asks Lightning to start more; use a one-process trainer (trainer=cpu, trainer=gpu) under "
+                         f"submitit_local, or hydra/launcher=slurm, which starts one task per device")
+
+
 def check_fresh_training_folder(out: Path) -> None:
     """A fresh cgml-train run (no ckpt_path) refuses a folder that holds a training run's checkpoints: it would
     replace that run's last.ckpt, metrics.json and samples.png with its own."""

@@ -123,17 +123,21 @@ def test_bad_decay_rejected_and_none_keeps_no_copy(toy_dm):
     assert module.ema is None and not any(k.startswith("ema.") for k in module.state_dict())
 
 
-def test_fine_tuning_restarts_the_average_from_the_copied_weights(fitted, toy_dm):
+@pytest.mark.parametrize("decay", [0.5, None])
+def test_fine_tuning_starts_from_the_averaged_weights(fitted, toy_dm, decay):
     module, path = fitted
     name = module.module_name
     L.seed_everything(5)
-    fresh = MODULES[name](toy_dm.info(), MLP, **SMALL[name], ema_decay=0.5)
+    fresh = MODULES[name](toy_dm.info(), MLP, **SMALL[name], ema_decay=decay)
     fresh.configure_model()
     fresh.init_weights_from(str(path))
-    live, averaged = live_and_averaged(fresh)
-    assert int(fresh.ema.n_averaged) == 0
-    assert all(torch.equal(a, b) for a, b in zip(live, averaged))
-    assert all(torch.equal(a, b) for a, b in zip(live, [p.detach() for p in module.nets_to_average().parameters()]))
+    copied = [p.detach() for p in fresh.nets_to_average().parameters()]
+    source_live, source_averaged = live_and_averaged(module)
+    assert all(torch.equal(a, b) for a, b in zip(copied, source_averaged))     # what the checkpoint was evaluated with
+    assert any(not torch.equal(a, b) for a, b in zip(copied, source_live))
+    if decay:                                                                   # the new average restarts from them
+        assert int(fresh.ema.n_averaged) == 0
+        assert all(torch.equal(a, b) for a, b in zip(copied, live_and_averaged(fresh)[1]))
 
 
 def test_eval_and_sample_choose_the_weights(fitted, toy_dm):

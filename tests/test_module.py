@@ -398,7 +398,7 @@ def test_sample_pool_keeps_medoids_of_the_drawn_samples(fitted, toy_dm):
         d = torch.cdist(drawn[b], drawn[b]).square()
         assert sorted(rows) == sorted(A.medoids(d[None], 4)[0].tolist())
     assert torch.equal(module.sample(x, num_samples=4, seed=2, pool=4), module.sample(x, num_samples=4, seed=2))
-    with pytest.raises(ValueError, match="sample_pool=3 must be at least num_samples=4"):
+    with pytest.raises(ValueError, match=r"pool=3 \(sample_pool in .*\) must be at least num_samples=4"):
         module.sample(x, num_samples=4, pool=3)
 
 

@@ -162,6 +162,11 @@ def toy_module(num_samples: int, width: int = 128, seed: int = 0) -> CGMLModule:
                       latent_dim=10)
 
 
+def copied_by_init_from(saved: dict) -> dict:
+    """What init_from copies from a checkpoint's state_dict: its averaged weights where it kept them."""
+    return {key: saved.get(f"ema.module.{key}", value) for key, value in saved.items()}
+
+
 def test_init_weights_from_copies_weights_and_keeps_a_fresh_table(trained_ckpt):
     saved = load(trained_ckpt)["state_dict"]
     module = toy_module(num_samples=300)
@@ -169,9 +174,10 @@ def test_init_weights_from_copies_weights_and_keeps_a_fresh_table(trained_ckpt):
     assert fresh.shape == (270, 10) and latent_table(saved).shape == (460, 10)
     keys = module.init_weights_from(str(trained_ckpt), freeze=["generator.encoder"])
     assert keys and not any("latents" in k for k in keys)
+    assert any(k.startswith("ema.module.") for k in saved)
     for key, value in module.state_dict().items():
-        if "latents" not in key:
-            assert torch.equal(value, saved[key]), key
+        if "latents" not in key:                                  # the averaged weights, where the run kept them
+            assert torch.equal(value, copied_by_init_from(saved)[key]), key
     assert torch.equal(module.latents, fresh)                     # the table is sized and drawn for the new data
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in module.named_parameters() if n.startswith("generator.encoder")} | {"latents"}
@@ -219,7 +225,7 @@ def finetune_run(trained_ckpt, tmp_path_factory) -> Path:
 
 
 def test_finetune_freezes_and_sizes_the_table(trained_ckpt, finetune_run):
-    init = load(trained_ckpt)["state_dict"]
+    init = copied_by_init_from(load(trained_ckpt)["state_dict"])
     tuned = load(finetune_run / "checkpoints" / "last.ckpt")
     state = tuned["state_dict"]
     assert latent_table(state).shape == (270, 10)                  # 300 rows - 5% val - 5% test
@@ -241,7 +247,7 @@ def test_resuming_a_finetune_keeps_the_freeze(trained_ckpt, finetune_run, hydra_
                                                                 f"ckpt_path={start}"))
     run_train(cfg)
     state = load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]
-    at_start, init = load(start)["state_dict"], load(trained_ckpt)["state_dict"]
+    at_start, init = load(start)["state_dict"], copied_by_init_from(load(trained_ckpt)["state_dict"])
     assert [k for k in state if k.startswith("generator.decoder") and not torch.equal(state[k], at_start[k])], \
         "the resumed fine-tune did not train at all"
     changed = [k for k in state if k.startswith("generator.encoder") and not torch.equal(state[k], init[k])]
@@ -330,7 +336,7 @@ def preempt(workdir: Path, run_dir: Path, signum: int) -> tuple[subprocess.Popen
 def resume_after_preemption(workdir: Path, run_dir: Path, output: str, name: str) -> None:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file(), f"no last.ckpt after {name}:\n{output[-3000:]}"
-    assert f"[cgml] {name}: saved" in output, output[-3000:]
+    assert f"{name}: saved" in output, output[-3000:]
     state = load(last)
     assert state["global_step"] > 0 and state["optimizer_states"]
     epochs = state["epoch"] + 2

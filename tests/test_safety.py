@@ -3,8 +3,10 @@ under DDP), NaN weights that never reach a checkpoint, ckpt_path=last, atomic re
 checkpoints named in their errors."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -147,7 +149,8 @@ def test_signal_saves_a_resumable_checkpoint(workdir, name):
         code = finish(proc)
     output = log.read_text()
     assert code == 128 + signum, f"exit {code}:\n{output[-3000:]}"
-    assert f"[cgml] {name}: saved" in output and not (run_dir / "metrics.json").exists(), output[-3000:]
+    assert f"{name}: saved" in output and not (run_dir / "metrics.json").exists(), output[-3000:]
+    assert re.search(rf"{name}: saved .* after \d+ training batches \(epoch \d+\)", (run_dir / "train.log").read_text())
     saved = load(run_dir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] % 2 == 0 and saved["global_step"] > 0    # two optimizer steps a batch: a boundary
     # nothing written after it (the cut epoch's validation and checkpoints would count the epoch as done)
@@ -187,7 +190,7 @@ def test_a_signal_to_one_ddp_rank_saves_on_all_and_exits(workdir, tmp_path):
         code = finish(proc)
     output = log.read_text()
     assert code == 128 + signal.SIGUSR1, f"exit {code}:\n{output[-3000:]}"
-    assert "[cgml] SIGUSR1: saved" in output, output[-3000:]
+    assert "SIGUSR1: saved" in output, output[-3000:]
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] > 0
     assert not [c for c in children(proc.pid)]
 
@@ -305,6 +308,25 @@ def test_ckpt_path_last_starts_fresh_then_resumes(tmp_path):
     assert second["epoch"] == first["epoch"] + 1 and second["global_step"] == 2 * first["global_step"] > 0
 
 
+def test_a_moved_run_folder_resumes_into_its_own_checkpoints(tmp_path):
+    """A run folder moved (or copied) elsewhere and resumed there replaces its last.ckpt and its earlier best, as
+    it would have in place: no last-v1.ckpt beside them, no stale best left over."""
+    import shutil
+
+    from cgml_lightning.commands.train import run_train
+
+    common = [*TOY, "~callbacks.rich_progress_bar", "logger=none", "model.scheduler=null", "ckpt_path=last"]
+    try:
+        run_train(compose_job(tmp_path / "run", *common, "trainer.max_epochs=1"))
+        shutil.move(tmp_path / "run", tmp_path / "moved")
+        run_train(compose_job(tmp_path / "moved", *common, "trainer.max_epochs=3"))
+    finally:
+        HydraConfig.instance().cfg = None
+    names = sorted(p.name for p in (tmp_path / "moved" / "checkpoints").glob("*.ckpt"))
+    assert names[-1] == "last.ckpt" and len(names) == 2 and names[0].startswith("epoch_"), names
+    assert load(tmp_path / "moved" / "checkpoints" / "last.ckpt")["epoch"] == 3
+
+
 def test_ckpt_path_last_skips_a_checkpoint_cut_short(tmp_path, caplog):
     """A job killed while saving leaves last.ckpt cut short: ckpt_path=last resumes from the newest whole one and
     names the other; with no whole one it refuses rather than training from scratch over them."""
@@ -322,6 +344,22 @@ def test_ckpt_path_last_skips_a_checkpoint_cut_short(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"none of its checkpoints is whole \(epoch_001.ckpt, last.ckpt\)"):
         newest_checkpoint(tmp_path)
     assert newest_checkpoint(tmp_path / "empty") is None
+
+
+def test_ckpt_path_last_takes_the_checkpoint_with_the_most_training(tmp_path):
+    """A copy that does not keep file times can make an earlier epoch's checkpoint the newest file: ckpt_path=last
+    still resumes from the one whose global_step is highest; of equal steps, the newer file."""
+    import os
+
+    from cgml_lightning.files import newest_checkpoint
+
+    for name, step, mtime in (("last.ckpt", 56, 1), ("epoch_003.ckpt", 48, 3), ("epoch_002.ckpt", 32, 2)):
+        torch.save({"global_step": step, "state_dict": {"w": torch.ones(3)}}, tmp_path / name)
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert newest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    torch.save({"global_step": 56, "state_dict": {}}, tmp_path / "epoch_004.ckpt")
+    os.utime(tmp_path / "epoch_004.ckpt", (5, 5))
+    assert newest_checkpoint(tmp_path) == tmp_path / "epoch_004.ckpt"
 
 
 # ---- 5. atomic result files -------------------------------------------------------------------------------------
@@ -434,3 +472,27 @@ def test_the_slurm_launcher_runs_one_task_per_device():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0      # re-queued after a timeout signal
+
+
+def test_a_trainer_this_machine_or_the_module_cannot_run_is_refused_first(tmp_path, monkeypatch):
+    """A GPU trainer without CUDA, a sharded strategy, and several processes under submitit's local launcher are
+    named before any data is read, each with the trainer to use instead."""
+    from cgml_lightning.runs import check_trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        cfg = compose_job(tmp_path / "gpu", "trainer=ddp")
+        with pytest.raises(ValueError, match=r"trainer.accelerator=gpu .* sees no CUDA device; .* trainer=cpu"):
+            check_trainer(cfg.trainer)
+        cfg = compose_job(tmp_path / "fsdp", "trainer=ddp_sim", "trainer.strategy=fsdp")
+        with pytest.raises(ValueError, match=r"trainer.strategy=fsdp: a sharded strategy .* use trainer=ddp"):
+            check_trainer(cfg.trainer)
+        check_trainer(compose_job(tmp_path / "sim", "trainer=ddp_sim").trainer)          # two CPU processes: fine
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher"):
+            cfg = compose_job(tmp_path / "local", "hydra/launcher=submitit_local", "trainer=ddp_sim")
+            with pytest.raises(ValueError, match=r"submitit_local runs each job as one process, and "
+                                                 r"trainer.devices=2 .*\(trainer=cpu"):
+                check_trainer(cfg.trainer)
+            check_trainer(compose_job(tmp_path / "local1", "hydra/launcher=submitit_local").trainer)
+    finally:
+        HydraConfig.instance().cfg = None

@@ -62,8 +62,9 @@ def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[s
     if hole is not None:                                        # completion: only the hole can follow a hint
         known = known * hole
         if not known.any():
-            raise ValueError(f"hint: {cfg.hint} has no known pixel inside the hole of any input; "
-                             "draw the hint where the mask is white")
+            where = ("where the mask is white" if cfg.get("mask")
+                     else "inside the hole this checkpoint's inputs have (or give mask=)")
+            raise ValueError(f"hint: {cfg.hint} has no known pixel inside the hole of any input; draw the hint {where}")
     return {"guide": hint_guide(hint, known), "hint": hint, "hint_known": known}
 
 

@@ -14,15 +14,16 @@ from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module,
-                                 check_fresh_training_folder, check_output_dir, check_resume, log_picture, log_results,
-                                 logged_step, optimized_value, resume_path, run_record, task, user_errors,
-                                 weights_in_use)
+                                 check_fresh_training_folder, check_output_dir, check_resume, check_trainer,
+                                 log_picture, log_results, logged_step, optimized_value, resume_path, run_record, task,
+                                 user_errors, weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
 
 def run_train(cfg: DictConfig) -> dict[str, float]:
     check_targets(cfg)                                           # refuse a bad _target_ before anything runs
+    check_trainer(cfg.trainer)
     if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
     L.seed_everything(cfg.seed, workers=True)

@@ -279,8 +279,9 @@ class ConditionalModule(L.LightningModule):
 
     def init_weights_from(self, path: str, freeze: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Fine-tuning: copy the weights of a checkpoint (never its latent table, optimizers or loop state), then
-        freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys.
-        Loads with weights_only=True and never instantiates anything named in the checkpoint."""
+        freeze the parameters whose names start with any prefix in `freeze`. Returns the copied keys. Where the
+        checkpoint keeps averaged weights (ema_decay), those are the parameters copied: the ones it was evaluated
+        and sampled with. Loads with weights_only=True and never instantiates anything named in the checkpoint."""
         checkpoint = read_checkpoint(path)
         saved = checkpoint.get("hyper_parameters") or {}
         was = (saved.get("data_info") or {}).get("kind")
@@ -293,6 +294,9 @@ class ConditionalModule(L.LightningModule):
                              f"fine-tune with model={source}")
         self.check_init_source(path, saved)
         state = checkpoint["state_dict"]
+        params = {name for name, _ in self.named_parameters()}            # buffers are never averaged
+        state = {**state, **{k.removeprefix("ema.module."): v for k, v in state.items()
+                             if k.startswith("ema.module.") and k.removeprefix("ema.module.") in params}}
         own = self.state_dict()
         # per-sample tables are data-bound; the EMA restarts from the copied weights
         keys = [k for k in own if "latents" not in k and "latent_keys" not in k and not k.startswith("ema.")]
@@ -416,7 +420,8 @@ class ConditionalModule(L.LightningModule):
                              f"{list(self.x_shape)}: [B, {', '.join(map(str, self.x_shape))}]")
         drawn = num_samples if pool is None else pool
         if drawn < num_samples:
-            raise ValueError(f"sample_pool={pool} must be at least num_samples={num_samples}")
+            raise ValueError(f"pool={pool} (sample_pool in cgml-eval and cgml-sample) must be at least "
+                             f"num_samples={num_samples}")
         if guide is not None and self.guide_error:
             raise ValueError(self.guide_error.format(name=self.module_name))
         if generator is None and seed is not None:
