@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from cgml_lightning.models import MODULES
-from cgml_lightning.runs import build_datamodule, build_module
+from cgml_lightning.runs import build_datamodule, build_module, check_trainer
 from cgml_lightning.files import save_figure
 from cgml_lightning.instantiate import instantiate
 from cgml_lightning.evaluation.metrics import psnr
@@ -125,8 +125,10 @@ def train_config(cfg: DictConfig, task: str, model: str, out: Path, seed: int) -
 def load_task(cfg: DictConfig, out: Path) -> tuple[str, Any]:
     """(the task that runs, its datamodule set up): cfg.task, or cfg.fallback_task when the task's data is absent."""
     task, seed = cfg.task, bench_seeds(cfg.seeds)[0]
+    first = train_config(cfg, task, cfg.models[0], out, seed)
+    check_trainer(first.trainer)
     try:
-        datamodule = build_datamodule(train_config(cfg, task, cfg.models[0], out, seed))
+        datamodule = build_datamodule(first)
     except FileNotFoundError as err:
         if not cfg.fallback_task or cfg.fallback_task == task:
             raise

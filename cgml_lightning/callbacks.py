@@ -51,30 +51,40 @@ class SampleGrid(L.Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint that follows its run folder when the folder moves: resumed from a moved or copied
-    run (its checkpoints beside it), it takes over the files it recorded under their new paths, so it replaces
-    last.ckpt and the earlier best instead of writing last-v1.ckpt beside a stale best. A checkpoint from another
-    folder (its files not here) keeps Lightning's own behaviour: only best_model_path is reloaded."""
+    """Lightning's ModelCheckpoint that follows its run folder when the folder moves: resuming a checkpoint that lies
+    in this folder, though the state in it names another (the run was moved or copied), it takes over the files that
+    state recorded under their new paths, so it replaces last.ckpt and the earlier best instead of writing
+    last-v1.ckpt beside a stale best. A checkpoint from another run's folder keeps Lightning's own behaviour (only
+    best_model_path is reloaded). Its state is saved under ModelCheckpoint's key, so either class resumes the
+    other's."""
 
     PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.run_trainer = trainer                     # its ckpt_path, set before the callbacks' states are restored
+
     def load_state_dict(self, state_dict: dict) -> None:
         was, now = state_dict.get("dirpath"), self.dirpath
-        if was and now and was != now:
+        resumed = getattr(getattr(self, "run_trainer", None), "ckpt_path", None)
+        if was and now and was != now and resumed and Path(resumed).resolve().parent == Path(now).resolve():
             def here(path: str) -> str:
                 return str(Path(now) / Path(path).relative_to(was)) if path and Path(path).is_relative_to(was) else path
 
-            recorded = [state_dict.get(key) for key in self.PATH_KEYS] + list(state_dict.get("best_k_models") or {})
-            if all(Path(here(path)).is_file() for path in recorded if path):
-                state_dict = {**state_dict, "dirpath": now,
-                              **{key: here(state_dict[key]) for key in self.PATH_KEYS if key in state_dict},
-                              "best_k_models": {here(p): v for p, v in (state_dict.get("best_k_models") or {}).items()}}
+            state_dict = {**state_dict, "dirpath": now,
+                          **{key: here(state_dict[key]) for key in self.PATH_KEYS if key in state_dict},
+                          "best_k_models": {here(p): v for p, v in (state_dict.get("best_k_models") or {}).items()}}
         super().load_state_dict(state_dict)
 
 
-def progress(trainer: L.Trainer) -> str:
-    """Where a run stands, in the training batches its logs count (not optimizer steps, several per cGML batch)."""
-    return f"after {logged_step(trainer)} training batches (epoch {trainer.current_epoch})"
+def progress(trainer: L.Trainer, in_batch_end: bool = False) -> str:
+    """Where a run stands, in the training batches its logs count (not optimizer steps, several per cGML batch);
+    in a batch's end hook that batch is trained but not yet counted."""
+    return f"after {logged_step(trainer) + int(in_batch_end)} training batches (epoch {trainer.current_epoch})"
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -131,7 +141,7 @@ class PreemptionCheckpoint(L.Callback):
         self.preempted, self.received = signum, None
         if trainer.is_global_zero:
             log.warning("%s: saved %s %s; resume with ckpt_path=last (or ckpt_path=%s)", signal.Signals(signum).name,
-                        self.path, progress(trainer), self.path)
+                        self.path, progress(trainer, in_batch_end=True), self.path)
         previous = self._previous.get(signum)
         self.restore_handlers()
         if callable(previous) and signum not in (signal.SIGINT, signal.SIGTERM):   # submitit re-queues on SIGUSR2

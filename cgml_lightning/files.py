@@ -85,19 +85,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return read_checkpoint_bytes(path)[0]
 
 
-def recorded_step(path: Path) -> int | None:
-    """The training step a checkpoint file records (its global_step; -1 where it records none), or None for a file
-    that is not a whole checkpoint (cut short while saving, or not one torch.save wrote). Reads the archive's
-    record only (mmap), weights only."""
+def recorded_step(path: Path) -> int:
+    """The training step a checkpoint file records (its global_step; -1 where it records none), read from the
+    archive's record only (mmap, weights only); what torch raises where the file is not a whole checkpoint."""
     if not zipfile.is_zipfile(path):                 # torch.save's archive ends with its directory: cut short, none
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError):
-        return None
-    if not isinstance(checkpoint, dict):
-        return None
-    step = checkpoint.get("global_step")
+        raise EOFError("no archive directory at its end")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     return step if isinstance(step, int) else -1                    # whole, but from no Lightning run: ranked last
 
 
@@ -105,15 +99,20 @@ def newest_checkpoint(folder: str | Path) -> Path | None:
     """The whole checkpoint in folder that records the most training (its global_step; the most recently written
     of equals), stop checkpoints aside, or None when there is none. File times alone would pick an older one after
     a copy that does not keep them. A file cut short (a job killed while it saved) is skipped with a warning; a
-    folder of such files only is an error, so that a run never restarts from scratch over them."""
+    folder of such files only is an error, so that a run never restarts from scratch over them, and so is a whole
+    file that a weights-only load refuses."""
     found = [p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.name not in STOP_CHECKPOINTS]
     whole = []
     for path in found:
-        step = recorded_step(path)
-        if step is None:
-            log.warning("%s: not a whole checkpoint (cut short while saving?); passed over", path)
-        else:
-            whole.append((step, path.stat().st_mtime_ns, path))
+        try:
+            whole.append((recorded_step(path), path.stat().st_mtime_ns, path))
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path}: holds objects that a weights-only load refuses (pickled code or classes); "
+                             f"nothing in it was run. Move it out of {folder}, or resume with ckpt_path=PATH"
+                             ) from None
+        except Exception as err:                     # noqa: BLE001 - whatever torch raises on a damaged archive
+            log.warning("%s: not a whole checkpoint (cut short while saving?): %s: %s; passed over", path,
+                        type(err).__name__, err)
     if whole:
         return max(whole)[2]
     if found:

@@ -70,25 +70,42 @@ def check_output_dir() -> Path:
 SHARDED_STRATEGIES = ("fsdp", "deepspeed")      # they split parameters across ranks; the latent table must stay whole
 
 
+def device_count(devices: Any, accelerator: str) -> int:
+    """How many devices Lightning's `devices` asks for: a count, a list or "0,1" of ids, or -1 / "auto" (every GPU;
+    one CPU process)."""
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    if text in ("-1", "auto"):
+        return torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 1
+    return int(text) if text.isdigit() else 1
+
+
 def check_trainer(trainer: DictConfig) -> None:
     """Refuse, before anything is built, a trainer this machine or the module cannot run: a GPU accelerator where
-    torch sees no CUDA device, a sharded strategy, or several processes under submitit's local launcher (Lightning
-    starts the other ranks with a command line that submitit's job runner rejects)."""
-    accelerator, strategy = str(trainer.get("accelerator", "auto")), str(trainer.get("strategy", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    torch sees no GPU, a sharded strategy, or a multirun job of several processes under submitit's local launcher
+    (Lightning starts the other ranks with a command line that submitit's job runner rejects)."""
+    accelerator, strategy = str(trainer.get("accelerator", "auto")), str(trainer.get("strategy", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not (
+            accelerator == "gpu" and torch.backends.mps.is_available()):
         raise ValueError(f"trainer.accelerator={accelerator} (trainer=gpu, trainer=ddp): this torch "
-                         f"({torch.__version__}) sees no CUDA device; train on the CPU with trainer=cpu, or in two "
-                         f"CPU processes with trainer=ddp_sim")
-    if any(name in strategy.lower() for name in SHARDED_STRATEGIES):
+                         f"({torch.__version__}) sees no GPU; train on the CPU with trainer=cpu, or in two CPU "
+                         f"processes with trainer=ddp_sim")
+    if any(name in strategy for name in SHARDED_STRATEGIES):
         raise ValueError(f"trainer.strategy={strategy}: a sharded strategy would split the per-sample latent table "
                          f"across ranks, whose row writes must stay whole on every rank; use trainer=ddp")
-    devices = trainer.get("devices", "auto")
-    count = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) else 1
-    launcher = str(HydraConfig.get().launcher.get("_target_", "")) if HydraConfig.initialized() else ""
-    if launcher.endswith("LocalLauncher") and "submitit" in launcher and count * int(trainer.get("num_nodes", 1)) > 1:
-        raise ValueError(f"hydra/launcher=submitit_local runs each job as one process, and trainer.devices={devices} "
-                         f"asks Lightning to start more; use a one-process trainer (trainer=cpu, trainer=gpu) under "
-                         f"submitit_local, or hydra/launcher=slurm, which starts one task per device")
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    processes = device_count(trainer.get("devices", "auto"), accelerator) * int(trainer.get("num_nodes", 1))
+    launched = not any(name in strategy for name in ("spawn", "fork", "notebook"))   # by a command line
+    if launcher.endswith("LocalLauncher") and "submitit" in launcher and processes > 1 and launched:
+        raise ValueError(f"hydra/launcher=submitit_local runs each job as one process, and trainer.devices="
+                         f"{trainer.get('devices')} asks Lightning to start more; use a one-process trainer "
+                         f"(trainer=cpu, trainer=gpu) under submitit_local, or hydra/launcher=slurm, which starts one "
+                         f"task per device")
 
 
 def check_fresh_training_folder(out: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
@@ -181,6 +182,10 @@ def test_falls_back_to_digits_without_fashion_mnist(compose_bench, tmp_path, mon
     assert "the data of task=fmnist_completion is not here, so the bench runs task=digits_completion" in caplog.text
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
         load_task(compose_bench("fallback_task=null"), tmp_path / "out")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="trainer.accelerator=gpu .* sees no GPU"):               # before any data
+        load_task(compose_bench('overrides=["trainer=gpu"]'), tmp_path / "out")
 
 
 def test_seed_summary_means_and_sample_std():

@@ -150,9 +150,11 @@ def test_signal_saves_a_resumable_checkpoint(workdir, name):
     output = log.read_text()
     assert code == 128 + signum, f"exit {code}:\n{output[-3000:]}"
     assert f"{name}: saved" in output and not (run_dir / "metrics.json").exists(), output[-3000:]
-    assert re.search(rf"{name}: saved .* after \d+ training batches \(epoch \d+\)", (run_dir / "train.log").read_text())
+    logged = re.search(rf"{name}: saved .* after (\d+) training batches \(epoch \d+\)",
+                       (run_dir / "train.log").read_text())
     saved = load(run_dir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] % 2 == 0 and saved["global_step"] > 0    # two optimizer steps a batch: a boundary
+    assert logged and int(logged.group(1)) == saved["global_step"] // 2   # the batches trained, as the logs count
     # nothing written after it (the cut epoch's validation and checkpoints would count the epoch as done)
     newest = max((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
     assert newest.name == "last.ckpt", sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -327,6 +329,29 @@ def test_a_moved_run_folder_resumes_into_its_own_checkpoints(tmp_path):
     assert load(tmp_path / "moved" / "checkpoints" / "last.ckpt")["epoch"] == 3
 
 
+def test_run_checkpoint_state_resumes_across_classes_and_never_takes_over_another_run(tmp_path):
+    """A run saved with Lightning's ModelCheckpoint resumes in place under RunCheckpoint with its state (no
+    last-v1.ckpt); a checkpoint of run A resumed into run B's folder never deletes B's best (Lightning's rule)."""
+    from cgml_lightning.commands.train import run_train
+
+    common = [*TOY, "~callbacks.rich_progress_bar", "logger=none", "model.scheduler=null"]
+    plain = "callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint"
+    try:
+        run_train(compose_job(tmp_path / "plain", *common, plain, "trainer.max_epochs=1"))
+        run_train(compose_job(tmp_path / "plain", *common, "ckpt_path=last", "trainer.max_epochs=2"))
+        for run in ("a", "b"):
+            run_train(compose_job(tmp_path / run, *common, "trainer.max_epochs=1"))
+        best_of_b = (tmp_path / "b" / "checkpoints" / "epoch_000.ckpt").read_bytes()
+        run_train(compose_job(tmp_path / "b", *common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                              "trainer.max_epochs=4"))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not (tmp_path / "plain" / "checkpoints" / "last-v1.ckpt").exists()
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("*.ckpt"))
+    assert len(names) > 2, names                                  # a new best of the resumed run beside B's own
+    assert (tmp_path / "b" / "checkpoints" / "epoch_000.ckpt").read_bytes() == best_of_b
+
+
 def test_ckpt_path_last_skips_a_checkpoint_cut_short(tmp_path, caplog):
     """A job killed while saving leaves last.ckpt cut short: ckpt_path=last resumes from the newest whole one and
     names the other; with no whole one it refuses rather than training from scratch over them."""
@@ -360,6 +385,9 @@ def test_ckpt_path_last_takes_the_checkpoint_with_the_most_training(tmp_path):
     torch.save({"global_step": 56, "state_dict": {}}, tmp_path / "epoch_004.ckpt")
     os.utime(tmp_path / "epoch_004.ckpt", (5, 5))
     assert newest_checkpoint(tmp_path) == tmp_path / "epoch_004.ckpt"
+    torch.save({"global_step": 60, "state_dict": {}, "hook": os.getcwd}, tmp_path / "foreign.ckpt")   # pickled code
+    with pytest.raises(ValueError, match=r"foreign.ckpt: holds objects that a weights-only load refuses"):
+        newest_checkpoint(tmp_path)
 
 
 # ---- 5. atomic result files -------------------------------------------------------------------------------------
@@ -475,24 +503,30 @@ def test_the_slurm_launcher_runs_one_task_per_device():
 
 
 def test_a_trainer_this_machine_or_the_module_cannot_run_is_refused_first(tmp_path, monkeypatch):
-    """A GPU trainer without CUDA, a sharded strategy, and several processes under submitit's local launcher are
-    named before any data is read, each with the trainer to use instead."""
-    from cgml_lightning.runs import check_trainer
+    """A GPU trainer without a GPU, a sharded strategy, and a multirun of several processes per job under submitit's
+    local launcher are named before any data is read, each with the trainer to use instead."""
+    from cgml_lightning.runs import check_trainer, device_count
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [device_count(d, "gpu") for d in (2, [0, 1, 3], "0,1", "-1", -1, "auto", "3")] == [2, 3, 2, 4, 4, 4, 3]
+    assert device_count("auto", "cpu") == 1
     try:
         cfg = compose_job(tmp_path / "gpu", "trainer=ddp")
-        with pytest.raises(ValueError, match=r"trainer.accelerator=gpu .* sees no CUDA device; .* trainer=cpu"):
+        with pytest.raises(ValueError, match=r"trainer.accelerator=gpu .* sees no GPU; .* trainer=cpu"):
             check_trainer(cfg.trainer)
         cfg = compose_job(tmp_path / "fsdp", "trainer=ddp_sim", "trainer.strategy=fsdp")
         with pytest.raises(ValueError, match=r"trainer.strategy=fsdp: a sharded strategy .* use trainer=ddp"):
             check_trainer(cfg.trainer)
         check_trainer(compose_job(tmp_path / "sim", "trainer=ddp_sim").trainer)          # two CPU processes: fine
         if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher"):
-            cfg = compose_job(tmp_path / "local", "hydra/launcher=submitit_local", "trainer=ddp_sim")
+            local = ["hydra/launcher=submitit_local", "trainer=ddp_sim"]
+            check_trainer(compose_job(tmp_path / "single", *local).trainer)         # no multirun: no launcher
+            cfg = compose_job(tmp_path / "local", *local, "hydra.mode=MULTIRUN")
             with pytest.raises(ValueError, match=r"submitit_local runs each job as one process, and "
                                                  r"trainer.devices=2 .*\(trainer=cpu"):
                 check_trainer(cfg.trainer)
-            check_trainer(compose_job(tmp_path / "local1", "hydra/launcher=submitit_local").trainer)
+            check_trainer(compose_job(tmp_path / "one", "hydra/launcher=submitit_local", "hydra.mode=MULTIRUN").trainer)
     finally:
         HydraConfig.instance().cfg = None
