@@ -429,6 +429,11 @@ def test_guided_sampling_moves_samples_the_right_way(fitted, toy_dm, steps):
     assert down.mean() < free.mean() < up.mean()
     assert all(p.grad is None for p in module.parameters())
     assert module.training == was_training
+    per_sample = module.sample(x, num_samples=6, seed=0, guide=lambda s: s.flatten(2).sum(-1), steps=0)   # [B, N]
+    torch.testing.assert_close(per_sample, down)                                  # per-sample penalties are summed
+    for bad in (lambda s: float(s.sum()), lambda s: s.detach().sum()):
+        with pytest.raises(ValueError, match="guide returned .*: it must be a differentiable torch function"):
+            module.sample(x, num_samples=2, seed=0, guide=bad, steps=0)
 
 
 # ---- table starts: sampling from the latents of the nearest training inputs ---------------------------------

@@ -341,5 +341,13 @@ class CGMLModule(ConditionalModule):
         sample_steps). Guiding after the dynamics steps instead would start every latent at a mode, where the decoder
         is flat in z, and fewer samples reach the constraint (docs/results.md, guided sampling)."""
         feats = repeat_feats(feats, rows)
-        penalty = lambda z_: guide(self.generator.decode(feats, z_).view(*bn, *self.y_shape))  # noqa: E731
+
+        def penalty(z_: Tensor) -> Tensor:
+            value = guide(self.generator.decode(feats, z_).view(*bn, *self.y_shape))
+            if not (isinstance(value, Tensor) and value.requires_grad):
+                got = "a tensor without a gradient" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"guide returned {got}: it must be a differentiable torch function of the samples "
+                                 "it is given (a scalar, or one penalty per sample: they are summed)")
+            return value
+
         return A.z_descent(penalty, z, steps, lr, normalized=True, path=False)
