@@ -140,6 +140,26 @@ def test_fine_tuning_starts_from_the_averaged_weights(fitted, toy_dm, decay):
         assert all(torch.equal(a, b) for a, b in zip(copied, live_and_averaged(fresh)[1]))
 
 
+def test_fine_tuning_copies_averaged_parameters_and_live_buffers(digits_dm, tmp_path):
+    """With BatchNorm (net.norm=batch) the average holds parameters only: init_from copies the averaged parameters
+    and the live running statistics, the pair that evaluation uses."""
+    net = {"name": "unet", "width": 8, "depth": 2, "norm": "batch"}
+    L.seed_everything(0)
+    module = MODULES["regressor"](digits_dm.info(), net, ema_decay=0.5)
+    fit = trainer()
+    fit.fit(module, datamodule=digits_dm)
+    fit.save_checkpoint(tmp_path / "bn.ckpt")
+    fresh = MODULES["regressor"](digits_dm.info(), net, ema_decay=0.5)
+    fresh.configure_model()
+    fresh.init_weights_from(str(tmp_path / "bn.ckpt"))
+    live = dict(module.generator.named_buffers())
+    assert any("running_mean" in name and live[name].abs().sum() > 0 for name in live)     # statistics were kept
+    assert all(torch.equal(b, live[n]) for n, b in fresh.generator.named_buffers())
+    averaged = dict(module.ema.module.generator.named_parameters())
+    assert all(torch.equal(p, averaged[n]) for n, p in fresh.generator.named_parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(averaged.values(), module.generator.parameters()))
+
+
 def test_eval_and_sample_choose_the_weights(fitted, toy_dm):
     from omegaconf import OmegaConf
 
