@@ -9,6 +9,7 @@ can add names with `register`.
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 import hydra
@@ -111,4 +112,11 @@ def datamodule_from_record(record: Any, source: str):
         bad = nested[0][0] + "._target_" if nested else next(k for k in kwargs if str(k).startswith("_"))
         raise ValueError(f"{source}: the recorded data config holds {bad!r}, which a datamodule never takes; "
                          "pass data=... on the command line")
-    return datamodules[name](**kwargs)
+    try:
+        return datamodules[name](**kwargs)
+    except TypeError as err:                              # a key given as +data.KEY that the datamodule does not take
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise ValueError(f"{source}: data.{unknown[1]} is not a setting of {name.rsplit('.', 1)[-1]}; check the "
+                         f"key's spelling") from None

@@ -19,10 +19,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cgml_lightning.data.degradations import TASK_SETTINGS
 from cgml_lightning.files import newest_checkpoint, read_checkpoint
 from cgml_lightning.instantiate import datamodule_from_record, instantiate
-from cgml_lightning.models import ConditionalModule
+from cgml_lightning.models import MODULES, ConditionalModule
 
 log = logging.getLogger("cgml_lightning")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -30,6 +29,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeError)
 CONFIG_PATH = "pkg://cgml_lightning.conf"
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
+# what a resume may change: how the module samples, checks, compiles or batches its work, how fast its average
+# follows (whether it keeps one is checked), and where the data is read from (the training set's fingerprint vouches
+# for it); every other model and data key continues the run as it was
+RESUME_MAY_CHANGE = {"z_phase", "sample_steps", "val_num_samples", "max_nonfinite_batches", "compile", "channels_last",
+                     "start_batching", "table_neighbours", "ema_decay"}
+DATA_MAY_CHANGE = {"_target_", "root", "input_dir", "path", "data_dir", "num_workers", "eval_batch_size", "check_files",
+                   "cache_dir", "max_cache_size", "storage_options"}
 SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction", "max_images", "max_train_samples", "path", "root",
               "input_dir")                      # data keys that decide which samples a split holds
 
@@ -108,16 +114,36 @@ def check_trainer(trainer: DictConfig) -> None:
                          f"task per device")
 
 
-def check_fresh_training_folder(out: Path) -> None:
-    """A fresh cgml-train run (no ckpt_path) refuses a folder that holds a training run's checkpoints: it would
-    replace that run's last.ckpt, metrics.json and samples.png with its own."""
+def check_training_folder(out: Path, ckpt_path: str | None = None) -> None:
+    """cgml-train refuses a folder that holds a training run's checkpoints when it is not resuming that run: a fresh
+    run (no ckpt_path) or one resuming a checkpoint from another folder would replace that run's last.ckpt,
+    metrics.json and samples.png with its own. ckpt_path=last and a checkpoint of the folder's own pass."""
     found = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
-    if found:
-        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if not found or ckpt_path == "last":
+        return
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if ckpt_path is None:
         raise ValueError(f"{out} holds a training run's checkpoints ({shown}); a fresh cgml-train there would replace "
                          f"them. Resume that run with ckpt_path=last, fine-tune from it with "
                          f"init_from={out / 'checkpoints' / 'last.ckpt'} into a new hydra.run.dir, or train into a "
                          f"new hydra.run.dir")
+    if Path(ckpt_path).expanduser().resolve().parent != (out / "checkpoints").resolve():
+        raise ValueError(f"{out} holds a training run's checkpoints ({shown}), and ckpt_path={ckpt_path} is another "
+                         f"folder's: resuming it there would replace that run's files with another run's. Resume "
+                         f"{ckpt_path} into a new hydra.run.dir, or the folder's own run with ckpt_path=last")
+
+
+def check_manual_steps(module: ConditionalModule, trainer: DictConfig) -> None:
+    """cGML and the cGAN step their optimizers themselves (Lightning's manual optimization): Lightning refuses its
+    own clipping and accumulation for them, so name what to use instead."""
+    if module.automatic_optimization:
+        return
+    if trainer.get("gradient_clip_val") is not None:
+        raise ValueError(f"trainer.gradient_clip_val: model={module.module_name} steps its optimizers itself, which "
+                         f"Lightning's clipping does not reach; clip with model.clip_grad_norm")
+    if trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches: model={module.module_name} steps its optimizers itself, "
+                         f"after every batch; raise data.batch_size instead")
 
 
 def check_fresh_sweep_folder(sweep_dir: Path) -> None:
@@ -145,16 +171,15 @@ def keep_earlier_record(record: Path) -> None:
 
 class TrainingFolderGuard(Callback):
     """cgml-train's Hydra callback, run before Hydra writes a record into the folder: a fresh run is refused where
-    it would replace a training run (check_fresh_training_folder), so the earlier record stays as it was; a resume
+    it would replace a training run (check_training_folder), so the earlier record stays as it was; a resume
     moves the earlier record to .hydra/earlier/N/ (keep_earlier_record); a fresh multirun is refused where its job
     folders hold checkpoints, before the sweep writes multirun.yaml and the jobs' records (check_fresh_sweep_folder;
     run_train checks each job's folder again, for folders a sweeper names otherwise)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("ckpt_path") is None:
-            with user_errors(multirun=False):
-                check_fresh_training_folder(Path(config.hydra.run.dir))
-        elif config.hydra.output_subdir is not None:
+        with user_errors(multirun=False):
+            check_training_folder(Path(config.hydra.run.dir), config.get("ckpt_path"))
+        if config.get("ckpt_path") is not None and config.hydra.output_subdir is not None:
             keep_earlier_record(Path(config.hydra.run.dir) / config.hydra.output_subdir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -220,7 +245,10 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("hyper_parameters", {})
     recorded = checkpoint.get("cgml_module")
-    if recorded and recorded != module.module_name:
+    if recorded is not None and recorded not in MODULES:
+        raise ValueError(f"ckpt_path={path}: not a cgml-lightning checkpoint (it records module {recorded!r}; known: "
+                         f"{sorted(MODULES)})")
+    if recorded is not None and recorded != module.module_name:
         raise ValueError(f"ckpt_path={path} holds a model={recorded} run, not model={module.module_name}; resume "
                          f"with model={recorded}")
     old, new = saved.get("data_info", {}), module.data_info
@@ -249,6 +277,18 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
             k = differs[0]
             raise ValueError(f"ckpt_path={path}: {name}.{k}={was.get(k)} in the checkpoint vs {now.get(k)} now; "
                              f"resume with {name}.{k}={was.get(k)} (a resumed run continues the same one)")
+    checked = {"data_info", "net", "dynamics_net", "optimizer", "dynamics_optimizer", "scheduler"}
+    for key in sorted(set(as_saved) & set(module.hparams) - checked - RESUME_MAY_CHANGE):
+        if as_saved[key] != module.hparams[key]:
+            raise ValueError(f"ckpt_path={path}: model.{key}={as_saved[key]} in the checkpoint vs "
+                             f"{module.hparams[key]} now; resume with model.{key}={as_saved[key]} (a resumed run "
+                             f"continues the same one), or fine-tune with init_from={path}")
+    was, now = old.get("data") or {}, new.get("data") or {}
+    for key in sorted(set(was) & set(now) - DATA_MAY_CHANGE):
+        if was[key] != now[key]:
+            raise ValueError(f"ckpt_path={path}: data.{key}={was[key]} in the checkpoint vs {now[key]} now; resume "
+                             f"with data.{key}={was[key]} (a resumed run continues the same one), or fine-tune with "
+                             f"init_from={path}")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:
@@ -312,18 +352,6 @@ def inference_device(name: str) -> torch.device:
     return device
 
 
-def warn_degradation_changes(given: dict[str, Any], trained: dict[str, Any]) -> None:
-    """data=... on the command line takes its group's defaults for every key it does not set: name the degradation
-    settings (the task's, data.task itself) that then differ from the ones the checkpoint trained with."""
-    task = trained.get("task")
-    keys = ("task", *TASK_SETTINGS.get(task, ())) if task in TASK_SETTINGS else ()
-    changed = [f"data.{k}={given[k]} (trained with {trained[k]})" for k in keys
-               if k in given and k in trained and given[k] != trained[k]]
-    if changed:
-        log.warning("data=... degrades the inputs unlike training: %s; set those keys to evaluate as trained",
-                    ", ".join(changed))
-
-
 def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     """data=GROUP from the command line (through the registry); else the checkpoint's recorded data config, rebuilt
     by datamodule name (a stored `_target_` is never instantiated), with any keys given as +data.KEY=VALUE in
@@ -331,7 +359,6 @@ def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     given, recorded = plain(cfg.get("data")) or {}, module.data_info.get("data")
     if "_target_" in given:
         dm, source = instantiate(cfg.data), "data=... on the command line"
-        warn_degradation_changes(given, recorded or {})
     elif recorded:
         dm = datamodule_from_record({**recorded, **given}, f"{cfg.ckpt_path}")
         source = "the checkpoint's data config" + (f" with {', '.join(f'+data.{k}' for k in given)}" if given else "")
@@ -355,11 +382,15 @@ def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
         raise ValueError(f"{source} gives x {now_shapes.get('x_shape')} and y {now_shapes.get('y_shape')} per sample, "
                          f"but {cfg.ckpt_path} was trained on x {shapes.get('x_shape')} and y {shapes.get('y_shape')}; "
                          f"{fix}")
-    if trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"]:
-        recorded = recorded or {}
-        used = given if "_target_" in given else {**recorded, **given}
-        changed = "".join(f"; data.{k}={used[k]} (trained with {recorded[k]})" for k in SPLIT_KEYS
-                          if k in used and k in recorded and used[k] != recorded[k])
+    recorded = recorded or {}
+    used = given if "_target_" in given else {**recorded, **given}
+    changed = "".join(f"; data.{k}={used[k]} (trained with {recorded[k]})" for k in SPLIT_KEYS
+                      if k in used and k in recorded and used[k] != recorded[k])
+    # arrays held in memory fingerprint their degraded inputs: another degradation alone changes that fingerprint
+    # (the evaluation names it), not the split
+    degraded_only = (trained.get("degradation") != now.get("degradation") and not changed
+                     and trained.get("num_train_samples") == now.get("num_train_samples"))
+    if trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"] and not degraded_only:
         log.warning("%s gives another training split than %s was trained on (%s training samples, %s then%s): "
                     "where it holds the training data, changed since or split otherwise, its test split may hold "
                     "samples the model trained on", source, cfg.ckpt_path, now.get("num_train_samples"),
@@ -497,6 +528,8 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
         if isinstance(err, MissingMandatoryValue):                    # a config's ??? left unset
             key = err.full_key or "a required key"
             err = ValueError(f"{key} is required: give it on the command line ({key}=...)")
+        elif isinstance(err, USER_ERRORS) and (message := worker_message(err)) is not None:
+            err = type(err)(message)                                  # torch built it from one message too
         elif not isinstance(err, USER_ERRORS) or not raised_in_package(err):
             raise
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, str(err), None, None)
@@ -509,6 +542,22 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
             raise
         print(f"Error: {err}\n(set HYDRA_FULL_ERROR=1 to see where it was raised)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def worker_message(err: BaseException) -> str | None:
+    """The message of an error this package raised in a DataLoader worker, which torch raises again in the main
+    process with the worker's traceback as its whole text; None for any other error."""
+    lines = str(err).splitlines()
+    if not (lines and lines[0].startswith("Caught ") and len(lines) > 1 and lines[1].startswith("Original Traceback")):
+        return None
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    if not frames or not Path(lines[frames[-1]].split('"')[1]).resolve().is_relative_to(PACKAGE_DIR):
+        return None
+    head = f"{type(err).__name__}: "
+    for i in range(frames[-1] + 1, len(lines)):
+        if lines[i].startswith(head):
+            return "\n".join([lines[i][len(head):], *lines[i + 1:]])
+    return None
 
 
 def raised_in_package(err: BaseException) -> bool:

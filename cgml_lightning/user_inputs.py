@@ -21,8 +21,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from cgml_lightning.data.degradations import Degradation, apply_mask
-from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, inspect_image, list_images,
-                                         open_image, split_pair, to_tensor)
+from cgml_lightning.data.folders import (IMAGE_EXTENSIONS, UNREADABLE, ImageDataError, decode_upright, inspect_image,
+                                         list_images, open_image, split_pair, to_tensor)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -110,17 +110,16 @@ class UnreadableImageError(ImageDataError):
 
 
 def open_checked(path: Path, key: str, mode: str) -> Image.Image:
-    """Decode a user's file (PIL mode L, RGB, LA or RGBA); errors name the key and the file. An image (L or RGB)
-    passes the checks training makes (inspect_image: still, at least 2x2, not fully transparent)."""
+    """Decode a user's file as training decodes its images (upright by its orientation tag, 16-bit grey rescaled) in
+    PIL mode L, RGB (transparency onto white), LA or RGBA; errors name the key and the file. The file passes the
+    checks training makes (inspect_image: still, at least 2x2, not fully transparent)."""
     if not path.is_file():
         raise FileNotFoundError(f"{key}: no such file: {path.resolve()}")
     try:
+        inspect_image(path)
         if mode in ("L", "RGB"):
-            inspect_image(path)
             return open_image(path, 1 if mode == "L" else 3)
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
+        return decode_upright(path).convert(mode)
     except ImageDataError as err:                           # readable, but not an image training would take
         raise ImageDataError(f"{key}: {err}") from err
     except UNREADABLE as err:
@@ -197,7 +196,7 @@ def load_pair_inputs(files: list[Path], channels: int, size: tuple[int, int], di
     for path in files:
         img = open_checked(path, key, "L" if channels == 1 else "RGB")
         if abs(img.size[0] / img.size[1] - 2 * w / h) <= ASPECT_TOLERANCE * 2 * w / h:
-            a, b = split_pair(img, str(path))
+            a, b = split_pair(img, f"{key}: {path}")
             given, truth = (a, b) if direction == "AtoB" else (b, a)
             inputs.append(to_tensor(fit_size(given, path, size, crop, key)))
             truths.append(to_tensor(fit_size(truth, path, size, crop, key)))
@@ -219,7 +218,8 @@ def load_mask(path: str | Path, size: tuple[int, int], crop: bool = False) -> Te
     grey, alpha = torch.from_numpy(np.asarray(img, dtype=np.float32)).unbind(-1)
     mask = ((grey > 127.5) & (alpha > 0)).float()[None]
     if mask.sum() == 0:
-        raise ValueError(f"mask: {path} hides no pixel (white = hole, black = visible); it is all black")
+        raise ValueError(f"mask: {path} hides no pixel (white = hole, black = visible): none of its opaque pixels "
+                         "is brighter than 50% grey")
     if mask.min() == 1:
         raise ValueError(f"mask: {path} hides every pixel (white = hole, black = visible); nothing is left to "
                          "condition on")

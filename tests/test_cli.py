@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
+from PIL import Image
 
 from cgml_lightning.instantiate import check_targets, find_targets, instantiate
 
@@ -414,6 +415,31 @@ def test_user_errors_end_a_single_run_with_the_message_alone(tmp_path, monkeypat
         check_root(missing)
 
 
+def test_a_check_raised_in_a_data_loader_worker_ends_with_its_message_alone(tmp_path, monkeypatch, capsys):
+    """torch raises a worker's error again in the main process with the worker's traceback as its text: a check of
+    the package's (here: every training image unreadable) still ends with its own message, and torch's own errors in
+    a worker keep their report."""
+    from cgml_lightning.data import ImageFolderDataModule
+    from cgml_lightning.runs import user_errors
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_fraction=0, test_fraction=0, batch_size=2,
+                               num_workers=1)
+    dm.setup()
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(b"gone")                   # unreadable after setup
+    with pytest.raises(SystemExit) as stop, user_errors(multirun=False):
+        next(iter(dm.train_dataloader()))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: no readable image left in the train split under ") and "Traceback" not in err
+    loader = torch.utils.data.DataLoader([1, 2], num_workers=1, collate_fn=lambda items: int("not a number"))
+    with pytest.raises(ValueError, match="Caught ValueError in DataLoader worker"), user_errors(multirun=False):
+        next(iter(loader))                                                # raised outside the package: reported
+
+
 def test_eval_from_checkpoint(toy_run, workdir):
     out = workdir / "eval_run"
     run_cli("cgml-eval", f"ckpt_path={toy_run / 'checkpoints' / 'last.ckpt'}", "num_samples=3", "sample_pool=6",
@@ -472,7 +498,7 @@ def test_a_fresh_training_run_refuses_a_training_runs_folder(toy_run, workdir, t
     """cgml-train again into a training run's folder, without ckpt_path, would replace its checkpoints, metrics.json
     and Hydra record: refused before Hydra writes anything there, every file as it was; run_train's own check (for
     multirun jobs, which Hydra records before any callback) refuses the same and lets an empty folder through."""
-    from cgml_lightning.runs import check_fresh_training_folder
+    from cgml_lightning.runs import check_training_folder
 
     before = {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()}
     proc = run_cli("cgml-train", "experiment=toy", "debug=fdr", f"hydra.run.dir={toy_run}", cwd=workdir, check=False)
@@ -481,9 +507,28 @@ def test_a_fresh_training_run_refuses_a_training_runs_folder(toy_run, workdir, t
         proc.stderr
     assert {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()} == before
     with pytest.raises(ValueError, match="holds a training run's checkpoints"):
-        check_fresh_training_folder(toy_run)
+        check_training_folder(toy_run)
     (tmp_path / "checkpoints").mkdir()
-    check_fresh_training_folder(tmp_path)
+    check_training_folder(tmp_path)
+
+
+def test_resuming_another_folders_checkpoint_refuses_a_training_runs_folder(toy_run, workdir, tmp_path):
+    """ckpt_path=FILE from another folder into a folder that holds a training run would replace that run's
+    last.ckpt, metrics.json and samples.png: refused, every file as it was; the folder's own checkpoints (by path
+    or ckpt_path=last) resume there, and another folder's checkpoint resumes into a new folder."""
+    from cgml_lightning.runs import check_training_folder
+
+    other = tmp_path / "other.ckpt"
+    other.write_bytes((toy_run / "checkpoints" / "last.ckpt").read_bytes())          # a colleague's copy
+    before = {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()}
+    proc = run_cli("cgml-train", "experiment=toy", "debug=fdr", f"ckpt_path={other}", f"hydra.run.dir={toy_run}",
+                   cwd=workdir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"ckpt_path={other} is another folder's" in proc.stderr and "new hydra.run.dir" in proc.stderr
+    assert {p: p.read_bytes() for p in toy_run.rglob("*") if p.is_file()} == before
+    check_training_folder(toy_run, "last")
+    check_training_folder(toy_run, str(toy_run / "checkpoints" / "last.ckpt"))
+    check_training_folder(tmp_path / "new", str(other))
 
 
 def test_every_command_keeps_to_a_folder_of_its_own(compose_train, tmp_path):
@@ -762,19 +807,20 @@ def test_sample_errors_name_the_file(digits_run, toy_run, workdir):
         run_sample(sample_cfg(ckpt_path=str(toy_ckpt), input=str(wide)))
 
 
-def test_data_given_for_evaluation_names_the_degradation_it_changes(caplog):
-    """data=... takes its group's defaults for the keys it does not set: the task's settings that then differ from
-    training are named (not the folder, the loader or other tasks' keys)."""
-    from cgml_lightning.runs import warn_degradation_changes
+def test_evaluation_names_the_degradation_it_changes(caplog):
+    """Data given for evaluation (data=GROUP, +data.KEY, or a datamodule in Python) whose degradation differs from
+    training's: each changed setting is named, for any datamodule that records one (digits record no data.task);
+    the folder, the loader and the same degradation say nothing."""
+    from cgml_lightning.data import DigitsDataModule
+    from cgml_lightning.evaluation import warn_degradation_changes
 
-    trained = {"task": "completion", "mask": "mixed", "mask_size": 0.3, "root": "/a", "noise_sigma": 0.1}
-    given = {"task": "completion", "mask": "box", "mask_size": 0.5, "root": "/b", "noise_sigma": 0.2, "batch_size": 8}
+    class Trained:
+        data_info = DigitsDataModule().info()
+
     with caplog.at_level("WARNING", logger="cgml_lightning"):
-        warn_degradation_changes(given, trained)
-    assert "data.mask=box (trained with mixed)" in caplog.text
-    assert "data.mask_size=0.5 (trained with 0.3)" in caplog.text
-    assert "root" not in caplog.text and "noise_sigma" not in caplog.text
+        warn_degradation_changes(Trained(), DigitsDataModule(mask_side="top", batch_size=7))
+    assert "data.mask_side=top (trained with bottom)" in caplog.text and "batch_size" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="cgml_lightning"):
-        warn_degradation_changes({**given, "mask": "mixed", "mask_size": 0.3}, trained)
+        warn_degradation_changes(Trained(), DigitsDataModule(batch_size=7))
     assert caplog.text == ""

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,17 @@ def test_checked_files_name_every_misfit_at_once(tmp_path):
     assert "tiny.png: 1x1 pixels" in str(err.value) and "clear.png: fully transparent" in str(err.value)
 
 
+def test_images_of_other_formats_are_counted_in_a_warning(tmp_path, caplog):
+    write_images(tmp_path, 3, size=(8, 8))
+    for name in ("scan.TIF", "b.tif", "anim.gif"):
+        Image.fromarray(pixels(0, (8, 8), 3)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image: not counted")
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        dm = make(ImageFolderDataModule, tmp_path, image_size=8, val_fraction=0.0, test_fraction=0.0)
+    assert len(dm.splits["train"]) == 3
+    assert "left out 1 .gif, 2 .tif file(s)" in caplog.text and ".txt" not in caplog.text
+
+
 def test_empty_folder_names_folder_and_extensions(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "readme.txt").write_text("hi")
@@ -273,6 +285,42 @@ def test_orientation_from_xmp_alone_turns_the_header_size(tmp_path):
            b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
     Image.fromarray(pixels(0, (40, 20), 3)).save(tmp_path / "turned.jpg", xmp=xmp)
     assert inspect_image(tmp_path / "turned.jpg") == open_image(tmp_path / "turned.jpg", 3).size == (20, 40)
+
+
+def damaged_exif(orientation: int) -> bytes:
+    """An EXIF block that PIL parses but cannot write back (a RATIONAL tag stored as text), with an orientation."""
+    entries = [(0x0112, 3, 1, struct.pack(">HH", orientation, 0)), (0x011B, 2, 4, b"abc\0")]
+    ifd = struct.pack(">H", len(entries)) + b"".join(struct.pack(">HHI", tag, kind, count) + value
+                                                     for tag, kind, count, value in entries) + struct.pack(">I", 0)
+    return b"Exif\0\0MM\0*" + struct.pack(">I", 8) + ifd
+
+
+def test_a_damaged_exif_block_still_turns_the_image(tmp_path):
+    """PIL's exif_transpose raises a TypeError writing such a block back; the image is still read, and turned by
+    the orientation it holds (6: 90 degrees), as its header size says."""
+    from cgml_lightning.data.folders import inspect_image, open_image
+
+    write_images(tmp_path, 4, size=(20, 16))
+    Image.fromarray(pixels(0, (40, 20), 3)).save(tmp_path / "camera.jpg", exif=damaged_exif(6))
+    assert inspect_image(tmp_path / "camera.jpg") == open_image(tmp_path / "camera.jpg", 3).size == (20, 40)
+    dm = make(ImageFolderDataModule, tmp_path, image_size=8, val_fraction=0.0, test_fraction=0.0)
+    data = dm.splits["train"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # read, not skipped
+        items = [data[(i, 0, 0)] for i in range(len(data))]
+    assert len(items) == 5 and not data.skipped
+
+
+def test_sixteen_bit_grey_keeps_its_transparent_value(tmp_path):
+    """A 16-bit grey PNG with a transparent value (tRNS): those pixels become white, as every transparent pixel."""
+    from cgml_lightning.data.folders import open_image
+
+    grey = np.full((6, 6), 1000, dtype=np.uint16)
+    grey[:3] = 40000
+    Image.fromarray(grey).save(tmp_path / "deep.png", transparency=1000)
+    out = np.asarray(open_image(tmp_path / "deep.png", 3))
+    assert (out[3:] == 255).all()                                      # transparent: white
+    assert (out[:3] == round(40000 / 257)).all()                       # opaque: rescaled to 8 bits
 
 
 def test_transparent_pixels_become_white(tmp_path):

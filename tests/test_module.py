@@ -194,7 +194,7 @@ def test_w_steps_update_the_generator_again_at_the_same_latents(digits_dm):
             continue
         assert torch.equal(one[key], two[key]), key
     assert any(not torch.equal(one[k], two[k]) for k in one if k.startswith("generator."))
-    with pytest.raises(ValueError, match="model.w_steps must be at least 1; got 0"):
+    with pytest.raises(ValueError, match="model.w_steps must be a whole number, at least 1; got 0"):
         CGMLModule(digits_dm.info(), UNET_NET, **{**SMALL, "w_steps": 0})
 
 
@@ -321,6 +321,27 @@ def test_resume_refuses_another_model_net_or_optimizer(fitted, toy_dm):
         check_resume(str(path), CGMLModule(toy_dm.info(), MLP_NET, **SMALL, optimizer={"lr": 0.01}))
 
 
+def test_resume_refuses_other_z_phase_or_data_settings_and_takes_sampling_ones(fitted, toy_dm):
+    """A resumed run continues the same one: z-phase settings and the data's batches are refused by name (the
+    checkpoint would record the new ones over weights trained with the old); how it samples and where the data is
+    read from may change."""
+    from cgml_lightning.runs import check_resume
+
+    _, _, path = fitted
+    info = {**toy_dm.info(), "data": {"_target_": "cgml_lightning.data.ToyDataModule", "batch_size": 64}}
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["data_info"] = info
+    torch.save(saved, path.parent / "recorded.ckpt")
+    path = path.parent / "recorded.ckpt"
+    z_lr = SMALL.get("z_lr", 0.1)
+    with pytest.raises(ValueError, match=rf"model.z_lr={z_lr} in the checkpoint vs 5.0 now; resume with model.z_lr"):
+        check_resume(str(path), CGMLModule(info, MLP_NET, **{**SMALL, "z_lr": 5.0}))
+    with pytest.raises(ValueError, match=r"data.batch_size=64 in the checkpoint vs 16 now"):
+        check_resume(str(path), CGMLModule({**info, "data": {**info["data"], "batch_size": 16}}, MLP_NET, **SMALL))
+    moved = {**info, "data": {**info["data"], "num_workers": 4, "path": "/elsewhere"}}
+    check_resume(str(path), CGMLModule(moved, MLP_NET, **{**SMALL, "sample_steps": 2, "val_num_samples": 2}))
+
+
 # ---- sampling API --------------------------------------------------------------------------------------------
 def test_sample_shape_and_no_grad(fitted, toy_dm):
     module, _, _ = fitted
@@ -353,6 +374,25 @@ def test_sample_reproducible_with_seed_and_generator(fitted, toy_dm):
     assert torch.equal(a, b)
     assert torch.equal(a, c)
     assert not torch.allclose(a, d)
+
+
+def test_sample_refuses_what_is_no_count_and_takes_numpy(fitted, toy_dm):
+    module, _, _ = fitted
+    x = toy_dm.grid(3)
+    for kwargs, key in (({"num_samples": True}, "num_samples"), ({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"),
+                        ({"guide_steps": -5}, "guide_steps")):
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            module.sample(x, **{"num_samples": 2, **kwargs})
+    with pytest.raises(ValueError, match="give seed= or generator=, not both"):
+        module.sample(x, 2, seed=0, generator=torch.Generator())
+    torch.testing.assert_close(module.sample(x.double().numpy(), 2, seed=1), module.sample(x, 2, seed=1))
+
+
+@pytest.mark.parametrize("key, value", [("z_steps", 0), ("z_steps", -1), ("start_candidates", -3),
+                                        ("sample_steps", -1), ("w_steps", 0), ("z_lr", 0.0), ("restart_prob", 1.5)])
+def test_settings_that_would_train_nothing_are_refused_by_name(toy_dm, key, value):
+    with pytest.raises(ValueError, match=f"model.{key} must be"):
+        CGMLModule(toy_dm.info(), MLP_NET, **{**SMALL, key: value})
 
 
 def test_sample_steps_argument(fitted, toy_dm):
@@ -434,6 +474,10 @@ def test_guided_sampling_moves_samples_the_right_way(fitted, toy_dm, steps):
     for bad in (lambda s: float(s.sum()), lambda s: s.detach().sum()):
         with pytest.raises(ValueError, match="guide returned .*: it must be a differentiable torch function"):
             module.sample(x, num_samples=2, seed=0, guide=bad, steps=0)
+    with pytest.raises(ValueError, match="guide returned NaN or Inf"):
+        module.sample(x, num_samples=2, seed=0, guide=lambda s: s.sum() * float("nan"))
+    with pytest.raises(ValueError, match="guide's gradient is NaN or Inf"):              # sqrt at 0: inf slope
+        module.sample(x, num_samples=2, seed=0, guide=lambda s: (s - s.detach()).abs().sqrt().sum())
 
 
 # ---- table starts: sampling from the latents of the nearest training inputs ---------------------------------

@@ -121,7 +121,17 @@ def test_npz_object_array_is_refused(tmp_path):
     x[:] = [1.0, "a", None, {"k": 1}]
     path = tmp_path / "pickled.npz"
     np.savez(path, x=x, y=np.zeros(4))
-    assert_bad(str(path), "pickled")
+    assert_bad(str(path), "'x'", "pickled")
+
+
+def test_npz_other_arrays_are_not_read(tmp_path):
+    """Only x and y are read: a pickled array beside them neither runs nor refuses the file."""
+    extra = np.empty(2, dtype=object)
+    extra[:] = [{"k": 1}, None]
+    path = tmp_path / "more.npz"
+    np.savez(path, x=np.linspace(-1, 1, 6), y=np.ones((6, 2)), notes=extra)
+    x, y = load_npz(str(path))
+    assert x.shape == (6, 1) and y.shape == (6, 2)
 
 
 def test_npz_not_a_zip(tmp_path):

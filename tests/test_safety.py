@@ -331,7 +331,7 @@ def test_a_moved_run_folder_resumes_into_its_own_checkpoints(tmp_path):
 
 def test_run_checkpoint_state_resumes_across_classes_and_never_takes_over_another_run(tmp_path):
     """A run saved with Lightning's ModelCheckpoint resumes in place under RunCheckpoint with its state (no
-    last-v1.ckpt); a checkpoint of run A resumed into run B's folder never deletes B's best (Lightning's rule)."""
+    last-v1.ckpt); a checkpoint of run A resumed into run B's folder is refused, every file of B's as it was."""
     from cgml_lightning.commands.train import run_train
 
     common = [*TOY, "~callbacks.rich_progress_bar", "logger=none", "model.scheduler=null"]
@@ -341,15 +341,14 @@ def test_run_checkpoint_state_resumes_across_classes_and_never_takes_over_anothe
         run_train(compose_job(tmp_path / "plain", *common, "ckpt_path=last", "trainer.max_epochs=2"))
         for run in ("a", "b"):
             run_train(compose_job(tmp_path / run, *common, "trainer.max_epochs=1"))
-        best_of_b = (tmp_path / "b" / "checkpoints" / "epoch_000.ckpt").read_bytes()
-        run_train(compose_job(tmp_path / "b", *common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
-                              "trainer.max_epochs=4"))
+        b_files = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+        with pytest.raises(ValueError, match="is another folder's"):
+            run_train(compose_job(tmp_path / "b", *common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                                  "trainer.max_epochs=4"))
     finally:
         HydraConfig.instance().cfg = None
     assert not (tmp_path / "plain" / "checkpoints" / "last-v1.ckpt").exists()
-    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("*.ckpt"))
-    assert len(names) > 2, names                                  # a new best of the resumed run beside B's own
-    assert (tmp_path / "b" / "checkpoints" / "epoch_000.ckpt").read_bytes() == best_of_b
+    assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == b_files
 
 
 def test_ckpt_path_last_skips_a_checkpoint_cut_short(tmp_path, caplog):

@@ -4,6 +4,7 @@ formats and missing manifests are refused by name. Skipped without litdata (an o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,67 @@ def test_input_dir_with_a_tilde_is_the_home_folder(converted, monkeypatch):
     monkeypatch.setenv("HOME", str(out.parent))
     stream = StreamingDataModule(input_dir=f"~/{out.name}", batch_size=4, eval_batch_size=4, num_workers=0, **TASK)
     assert stream.input_dir == str(out) and len(next(iter(stream.train_dataloader()))["y"]) == 4
+
+
+def test_chunks_skip_what_the_folder_skips(tmp_path):
+    """A streamed item passes the folder datasets' checks: a pair with an empty B file, a pair whose sides differ
+    in size and a fully transparent image are skipped with a warning naming them, as the folder skips them."""
+    for i in range(6):
+        for side in ("A", "B"):
+            (tmp_path / "pairs" / side).mkdir(parents=True, exist_ok=True)
+            size = (14, 10) if (side, i) == ("B", 4) else (12, 10)                 # pair 4: sides differ in size
+            Image.fromarray(pixels(i, size, 3)).save(tmp_path / "pairs" / side / f"{i}.png")
+    (tmp_path / "pairs" / "B" / "5.png").write_bytes(b"")                          # pair 5: an empty B file
+    convert(tmp_path / "pairs", tmp_path / "paired", paired=True, val_fraction=0, test_fraction=0)
+    stream = StreamingDataModule(input_dir=str(tmp_path / "paired"), image_size=8, direction="AtoB")
+    stream.setup()
+    with pytest.warns(UserWarning, match="skipping unreadable pair A/[45].png") as caught:
+        items = [stream.splits["train"][i] for i in range(6)]
+    assert sum(item is None for item in items) == 2 and len(caught) == 2
+    assert any("A and B differ in size" in str(w.message) for w in caught)
+
+    write_images(tmp_path / "single", 4, size=(8, 8))
+    clear = np.zeros((8, 8, 4), dtype=np.uint8)
+    Image.fromarray(clear).save(tmp_path / "single" / "clear.png")                # fully transparent
+    convert(tmp_path / "single", tmp_path / "chunks", val_fraction=0, test_fraction=0)
+    stream = StreamingDataModule(input_dir=str(tmp_path / "chunks"), image_size=8)
+    stream.setup()
+    with pytest.warns(UserWarning, match="skipping unreadable image clear.png .*fully transparent"):
+        items = [stream.splits["train"][i] for i in range(5)]
+    assert sum(item is None for item in items) == 1
+
+
+def test_a_failed_conversion_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """--overwrite writes beside OUT and moves the result in: a conversion that fails leaves OUT as it was."""
+    import litdata
+
+    write_images(tmp_path / "imgs", 6, size=(8, 8))
+    out = tmp_path / "out"
+    convert(tmp_path / "imgs", out, val_fraction=0.2, test_fraction=0.2)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*args, output_dir, **kwargs):                                       # fails half-way through
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "chunk-0-0.bin").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(litdata, "optimize", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert(tmp_path / "imgs", out, val_fraction=0.2, test_fraction=0.2, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]          # no staging folder left
+    monkeypatch.undo()
+    convert(tmp_path / "imgs", out, val_fraction=0.5, test_fraction=0.0, overwrite=True)
+    assert json.loads((out / "cgml.json").read_text())["splits"] == {"train": 3, "val": 3, "test": 0}
+    assert not (out / "test").exists()                                              # the earlier split, gone
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
+def test_a_file_name_that_is_not_utf8_converts(tmp_path):
+    write_images(tmp_path / "imgs", 5, size=(8, 8))
+    odd = os.fsdecode(b"caf\xe9.png")                                               # Latin-1, as old archives hold
+    first = sorted((tmp_path / "imgs").iterdir())[0]
+    first.rename(tmp_path / "imgs" / odd)
+    convert(tmp_path / "imgs", tmp_path / "out", val_fraction=0, test_fraction=0)
+    stream = StreamingDataModule(input_dir=str(tmp_path / "out"), image_size=8, num_workers=0, batch_size=5)
+    assert len(next(iter(stream.train_dataloader()))["y"]) == 5

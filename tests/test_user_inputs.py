@@ -229,6 +229,32 @@ def test_a_masks_transparent_pixels_are_visible(tmp_path):
     assert torch.equal(mask, expected)
 
 
+def test_masks_and_hints_are_read_as_training_reads_images(tmp_path):
+    """16-bit grey is rescaled (not clipped to white), the orientation tag turns a mask as it turns the photo it
+    belongs to, and an animated file is refused by name."""
+    deep = np.full((8, 8), 1000, np.uint16)                     # near black: visible
+    deep[:2, :2] = 60000                                          # near white: the hole
+    mask = load_mask(save(tmp_path / "deep.png", deep), (8, 8))
+    assert mask.sum() == 4 and mask[0, :2, :2].eq(1).all()
+    hint, known = load_hint(save(tmp_path / "ramp.png", (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)),
+                            channels=1, size=(8, 8))
+    torch.testing.assert_close(hint[0, 7, 7], torch.tensor(round(63000 / 257) / 255))
+
+    box = np.zeros((8, 16), np.uint8)
+    box[:2, :2] = 255                                             # top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # shown turned 90 degrees clockwise
+    Image.fromarray(box).save(tmp_path / "turned.png", exif=exif)
+    shown = load_images([tmp_path / "turned.png"], 1, (16, 8))[0, 0]
+    mask = load_mask(tmp_path / "turned.png", (16, 8))[0]
+    assert torch.equal(mask, (shown > 0.5).float()) and mask[:2, 6:].eq(1).all()    # top right, as shown
+
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(tmp_path / "moving.webp", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageDataError, match="hint: .*moving.webp: an animated image"):
+        load_hint(tmp_path / "moving.webp", channels=1, size=(8, 8))
+
+
 def test_mask_errors(tmp_path):
     with pytest.raises(ValueError, match="black.png hides no pixel"):
         load_mask(save(tmp_path / "black.png", np.zeros((8, 8), np.uint8)), (8, 8))

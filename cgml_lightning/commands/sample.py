@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from cgml_lightning.evaluation import warn_degradation_changes
 from cgml_lightning.files import atomic_path, save_image
 from cgml_lightning.models import ConditionalModule
 from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
@@ -32,6 +33,7 @@ def sample_inputs(cfg: DictConfig, module: ConditionalModule) -> tuple[UserInput
         mask = load_mask(cfg.mask, (height, width), cfg.crop) if cfg.get("mask") else None
     if not cfg.get("input"):
         dm = checkpoint_datamodule(cfg, module)
+        warn_degradation_changes(module, dm)
         batch = first_test_batch(dm)
         x, y = batch["x"][: cfg.num_inputs], batch["y"][: cfg.num_inputs]
         if not cfg.get("mask"):

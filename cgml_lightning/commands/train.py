@@ -13,10 +13,10 @@ from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.plots import save_samples_png
-from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module,
-                                 check_fresh_training_folder, check_output_dir, check_resume, check_trainer,
-                                 log_picture, log_results, logged_step, optimized_value, resume_path, run_record, task,
-                                 user_errors, weights_in_use)
+from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_manual_steps,
+                                 check_output_dir, check_resume, check_trainer, check_training_folder, log_picture,
+                                 log_results, logged_step, optimized_value, resume_path, run_record, task, user_errors,
+                                 weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
 
@@ -28,10 +28,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
     L.seed_everything(cfg.seed, workers=True)
     out = check_output_dir()
-    if cfg.get("ckpt_path") is None:
-        check_fresh_training_folder(out)
+    check_training_folder(out, cfg.get("ckpt_path"))
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    check_manual_steps(module, cfg.trainer)
     ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
     if ckpt_path:
         check_resume(ckpt_path, module, cfg)

@@ -18,11 +18,14 @@ cannot serve as a sample is an error naming it.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import struct
 import unicodedata
 import warnings
 from array import array
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -39,6 +42,7 @@ from cgml_lightning.data.base import SplitDataModule, draw_key, split_sizes
 from cgml_lightning.data.degradations import Degradation, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".gif", ".jfif", ".heic", ".heif", ".avif", ".jp2", ".ppm", ".pgm", ".pbm")
 log = logging.getLogger("cgml_lightning")
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)   # what PIL raises on a bad file
 EVAL_HEADERS_AT_SETUP = 1000     # a val or test split this small has its headers read at setup (well under 1 s)
@@ -48,6 +52,9 @@ GREY_TOLERANCE = 3              # an image is grey where its channels differ by 
 AUGMENT_STREAM = 3              # augmentations draw from their own stream of the draw's seed
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")   # where PIL finds an orientation (EXIF, or XMP alone)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}      # an orientation tag's value -> the transpose that shows the image upright
 SYSTEM_FOLDERS = ("__MACOSX", "@eaDir")     # written by archivers and NAS software beside the images
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -68,11 +75,12 @@ def check_root(root: str | Path | None, key: str = "data.root") -> Path:
 
 
 # ---- listing: relative names and sizes, in sorted order, stored compactly --------------------------------------
-def walk_images(folder: str | Path) -> Iterator[tuple[str, int]]:
+def walk_images(folder: str | Path, others: Counter | None = None) -> Iterator[tuple[str, int]]:
     """(relative POSIX name, size in bytes) of each image file under folder, recursively, sorted by path parts
     (the order of sorted Path objects), without building a list of every file first. Symlinked folders are
     followed once each. Hidden entries (names starting with a dot, such as macOS's ._ resource forks) and the
-    folders archivers and NAS software add (__MACOSX, @eaDir) are not images and are left out."""
+    folders archivers and NAS software add (__MACOSX, @eaDir) are not images and are left out. others, if given,
+    counts the files left out for an image extension this package does not read (OTHER_IMAGE_EXTENSIONS)."""
     seen: set[str] = set()
 
     def visit(path: str, prefix: str) -> Iterator[tuple[str, int]]:
@@ -87,15 +95,27 @@ def walk_images(folder: str | Path) -> Iterator[tuple[str, int]]:
                 continue
             if entry.is_dir():
                 yield from visit(entry.path, f"{prefix}{entry.name}/")
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            elif (ext := os.path.splitext(entry.name)[1].lower()) in IMAGE_EXTENSIONS and entry.is_file():
                 yield f"{prefix}{entry.name}", entry.stat().st_size
+            elif others is not None and ext in OTHER_IMAGE_EXTENSIONS:
+                others[ext] += 1
 
     yield from visit(str(folder), "")
 
 
+def warn_other_images(folder: Path, others: Counter) -> None:
+    if others:
+        found = ", ".join(f"{count} {ext}" for ext, count in sorted(others.items()))
+        log.warning("%s: left out %s file(s), which are not read (images: %s); convert them to PNG to use them",
+                    folder, found, ", ".join(IMAGE_EXTENSIONS))
+
+
 def image_table(root: Path) -> FileTable:
-    """Every image under root (recursive, sorted), listed without reading a pixel; an error naming root when none."""
-    table = FileTable.build(walk_images(root))
+    """Every image under root (recursive, sorted), listed without reading a pixel; an error naming root when none.
+    Files of other image formats are counted in a warning."""
+    others: Counter = Counter()
+    table = FileTable.build(walk_images(root, others))
+    warn_other_images(root, others)
     if not len(table):
         raise no_images_error(root, "data.root")
     return table
@@ -108,7 +128,9 @@ def no_images_error(folder: Path, key: str) -> FileNotFoundError:
 
 def list_images(folder: Path, key: str = "data.root") -> list[Path]:
     """Image files under folder, recursively, in sorted (deterministic) order; an error if there are none."""
-    files = [folder / name for name, _ in walk_images(folder)]
+    others: Counter = Counter()
+    files = [folder / name for name, _ in walk_images(folder, others)]
+    warn_other_images(folder, others)
     if not files:
         raise no_images_error(folder, key)
     return files
@@ -175,7 +197,19 @@ class FilePaths(Sequence):
 
 
 # ---- reading one image ------------------------------------------------------------------------------------------
-def inspect_image(path: str | Path) -> tuple[int, int]:
+def orientation(img: Image.Image) -> int:
+    """The image's orientation tag (EXIF, or XMP alone), 1 to 8; 1 (as stored) where it has none, or where its EXIF
+    block cannot be parsed or holds another value: such a file's pixels are still the image."""
+    if not any(key in img.info for key in ORIENTATION_SOURCES):     # else getexif() would decode a PNG
+        return 1
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (struct.error, TypeError, KeyError, *UNREADABLE):
+        return 1
+    return value if isinstance(value, int) and value in UPRIGHT else 1
+
+
+def inspect_image(path: str | Path | io.BytesIO) -> tuple[int, int]:
     """(width, height) as the image will be decoded (after EXIF rotation), from its header: no pixels are decoded,
     except the alpha band of images that have one. ImageDataError for an image that cannot be a sample (animated,
     smaller than 2x2, fully transparent); what PIL raises (UNREADABLE) for a file it cannot read."""
@@ -185,8 +219,7 @@ def inspect_image(path: str | Path) -> tuple[int, int]:
         if frames > 1 and img.format != "MPO":          # MPO: a camera JPEG whose first frame is the photograph
             raise ImageDataError(f"{path}: an animated image ({frames} frames); use still images (e.g. save its "
                                  "first frame as PNG)")
-        tagged = any(key in img.info for key in ORIENTATION_SOURCES)   # else getexif() would decode a PNG
-        if tagged and img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):   # rotated by 90 degrees
+        if orientation(img) in (5, 6, 7, 8):           # rotated by 90 degrees
             w, h = h, w
         if w < 2 or h < 2:
             raise ImageDataError(f"{path}: {w}x{h} pixels (W x H); images need at least 2x2")
@@ -228,17 +261,46 @@ def check_colour(files: Sequence[Path], root: Path) -> None:
                       f"grey outputs on such images; remove them for colourful results:\n  {shown}", stacklevel=3)
 
 
-def open_image(path: Path, channels: int) -> Image.Image:
-    """Decode fully (so corrupt or truncated files fail here) and convert to L (channels 1) or RGB (channels 3).
-    Transparent pixels are composited onto white: the colours a file keeps under alpha 0 are arbitrary."""
+def decode_upright(path: str | Path | io.BytesIO) -> Image.Image:
+    """The file decoded fully (so corrupt or truncated files fail here) and turned upright by its orientation tag;
+    16-bit grey rescaled to 8 bits (PIL's convert would clip it), its transparent value, if any, as alpha (LA)."""
     with Image.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode.startswith("I;16"):             # 16-bit grey: PIL's convert("L") would clip, so rescale
-            img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8))
-        if img.mode in ALPHA_MODES or "transparency" in img.info:
-            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-        return img.convert("L" if channels == 1 else "RGB")
+        turn = UPRIGHT.get(orientation(img))
+        img = img.transpose(turn) if turn is not None else img
+        if not img.mode.startswith("I;16"):
+            return img
+        raw = np.asarray(img)
+        grey = Image.fromarray((raw.astype(np.float32) / 257.0).round().astype(np.uint8))
+        clear = img.info.get("transparency")
+        if not isinstance(clear, int):
+            return grey
+        return Image.merge("LA", (grey, Image.fromarray(np.where(raw == clear, 0, 255).astype(np.uint8))))
+
+
+def open_image(path: str | Path | io.BytesIO, channels: int) -> Image.Image:
+    """decode_upright, converted to L (channels 1) or RGB (channels 3). Transparent pixels are composited onto white:
+    the colours a file keeps under alpha 0 are arbitrary."""
+    img = decode_upright(path)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def decode_sample(sources: Sequence[str | bytes | memoryview], channels: int, side_by_side: bool,
+                  name: str) -> list[Image.Image]:
+    """One sample's image, or its pair (A, B), decoded from its file(s), given as paths or as the files' bytes: one or
+    two PIL images of the same size. ImageDataError for a file that cannot be a sample (the checks of inspect_image;
+    an A|B pair whose sides differ in size), what PIL raises (UNREADABLE) for one it cannot read."""
+    images = []
+    for source in sources:
+        file = (lambda: source) if isinstance(source, (str, os.PathLike)) else (lambda: io.BytesIO(source))
+        inspect_image(file())
+        images.append(open_image(file(), channels))
+    if len(images) == 2 and images[0].size != images[1].size:
+        (wa, ha), (wb, hb) = images[0].size, images[1].size
+        raise ImageDataError(f"{name}: A and B differ in size ({wa}x{ha} vs {wb}x{hb}, W x H)")
+    return split_pair(images[0], name) if side_by_side else images
 
 
 def resize_crop(img: Image.Image, size: int | tuple[int, int] | None, scale: float = 1.0,
@@ -358,16 +420,8 @@ class ImageFileDataset(Dataset):
     def decode(self, i: int) -> list[Image.Image]:
         """The image, or the pair (A, B), of row i, decoded: one or two PIL images of the same size. ImageDataError
         for a file that cannot be a sample (the checks setup makes with data.check_files=true)."""
-        inspect_image(self.path(i))
-        if self.names_b is not None:
-            inspect_image(os.path.join(self.root, self.names_b.name(i)))
-            a, b = open_image(self.path(i), self.channels), open_image(os.path.join(self.root, self.names_b.name(i)), self.channels)
-            if a.size != b.size:
-                raise ImageDataError(f"{self.describe(i)}: A and B differ in size ({a.size[0]}x{a.size[1]} vs "
-                                     f"{b.size[0]}x{b.size[1]}, W x H)")
-            return [a, b]
-        img = open_image(self.path(i), self.channels)
-        return split_pair(img, self.path(i)) if self.side_by_side else [img]
+        files = [self.path(i)] + ([] if self.names_b is None else [os.path.join(self.root, self.names_b.name(i))])
+        return decode_sample(files, self.channels, self.side_by_side, self.describe(i))
 
     def load(self, i: int, epoch: int | None, seed: int | None) -> dict[str, Any]:
         return make_item(self.decode(i), i, int(self.keys[i]), epoch, seed, self.fixed_seed, self.size,
@@ -683,12 +737,14 @@ def pair_tables(root: Path) -> tuple[FileTable, FileTable]:
     sides = []
     for s in ("A", "B"):
         found: dict[str, tuple[str, int]] = {}
-        for name, size in walk_images(root / s):
+        others: Counter = Counter()
+        for name, size in walk_images(root / s, others):
             stem = unicodedata.normalize("NFC", os.path.splitext(name)[0])     # macOS writes names decomposed (NFD)
             if stem in found:
                 raise ValueError(f"{root / s / found[stem][0][2:]} and {root / s / name}: one name with two "
                                  f"extensions in {s}/; pairs are matched by name without extension, so keep one")
             found[stem] = (f"{s}/{name}", size)
+        warn_other_images(root / s, others)
         if not found:
             raise no_images_error(root / s, f"data.root/{s}")
         sides.append(found)

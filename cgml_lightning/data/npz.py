@@ -35,16 +35,22 @@ def load_npz(path: str | None) -> tuple[Tensor, Tensor]:
         raise FileNotFoundError(f"data.path: no such file: {file.resolve()}")
     if not zipfile.is_zipfile(file):               # a .npy array, text, a file cut short (np.load's message misleads)
         raise ValueError(f"{file}: not an .npz archive (np.savez writes one, with arrays named x and y)")
+    arrays = {}
     try:
         with np.load(file, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        # numpy's text suggests allow_pickle=True, which would run the file's code: not passed on
-        raise ValueError(f"{file}: not a readable .npz file of plain arrays (it holds pickled objects, or is "
-                         f"damaged); nothing in it was run") from None
+            names = archive.files
+            for name in ("x", "y"):                    # only these are read: other arrays may hold anything
+                if name not in names:
+                    raise ValueError(f"{file}: missing array {name!r} (found: {sorted(names) or 'none'})")
+                try:
+                    arrays[name] = archive[name]
+                except (ValueError, OSError, zipfile.BadZipFile):
+                    # numpy's text suggests allow_pickle=True, which would run the file's code: not passed on
+                    raise ValueError(f"{file}: array {name!r} is not a readable array of plain numbers (it holds "
+                                     f"pickled objects, or is damaged); nothing in it was run") from None
+    except (OSError, zipfile.BadZipFile):
+        raise ValueError(f"{file}: not a readable .npz file (damaged); nothing in it was run") from None
     for name in ("x", "y"):
-        if name not in arrays:
-            raise ValueError(f"{file}: missing array {name!r} (found: {sorted(arrays) or 'none'})")
         a = arrays[name]
         if a.ndim == 0:
             raise ValueError(f"{file}: array {name!r} is a scalar; the first axis must index samples")

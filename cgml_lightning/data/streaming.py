@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -31,7 +31,7 @@ from typing import Any
 from cgml_lightning.data.base import SplitDataModule
 from cgml_lightning.data.degradations import Degradation
 from cgml_lightning.data.folders import (UNREADABLE, Augment, ImageBatch, ImageFolderDataModule,
-                                         PairedFolderDataModule, check_root, make_item, open_image, split_pair)
+                                         PairedFolderDataModule, check_root, decode_sample, make_item)
 
 MANIFEST = "cgml.json"
 FORMAT = "cgml-streaming-1"
@@ -59,7 +59,8 @@ def encode_item(row_key_names: tuple[int, int, str, str], root: str) -> dict[str
     if name_b:
         with open(os.path.join(root, name_b), "rb") as f:
             b = f.read()
-    return {"index": row, "key": key, "name": name_a, "a": a, "b": b}
+    # the name only labels warnings; litdata stores str as UTF-8, which a file name need not be
+    return {"index": row, "key": key, "name": os.fsencode(name_a).decode("utf-8", "backslashreplace"), "a": a, "b": b}
 
 
 def convert(root: str | Path, out: str | Path, paired: bool = False, layout: str = "auto", val_fraction: float = 0.05,
@@ -79,22 +80,36 @@ def convert(root: str | Path, out: str | Path, paired: bool = False, layout: str
         raise FileExistsError(f"--out {out} holds {what}; give an empty or new folder, or --overwrite to replace "
                               f"its chunks and {MANIFEST}")
     folder.setup()
-    out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for split in SPLITS:
-        data = folder.splits[split]
-        sizes[split] = len(data)
-        if not len(data):
-            continue
-        inputs = [(row, int(data.keys[row]), data.names.name(row), data.names_b.name(row) if data.names_b else "")
-                  for row in range(len(data))]
-        litdata.optimize(fn=functools.partial(encode_item, root=str(folder.root)), inputs=inputs,
-                         output_dir=str(out / split), chunk_bytes=chunk_bytes, num_workers=num_workers,
-                         mode="overwrite", verbose=False)
-    manifest = {"format": FORMAT, "paired": paired, "side_by_side": bool(paired and folder.side_by_side),
-                "splits": sizes, "fingerprint": folder.info()["fingerprint"], "split_seed": split_seed,
-                "val_fraction": val_fraction, "test_fraction": test_fraction, "source": str(Path(root).resolve())}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside OUT first, then moved in: a conversion that fails leaves OUT as it was
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        sizes = {}
+        for split in SPLITS:
+            data = folder.splits[split]
+            sizes[split] = len(data)
+            if not len(data):
+                continue
+            inputs = [(row, int(data.keys[row]), data.names.name(row), data.names_b.name(row) if data.names_b else "")
+                      for row in range(len(data))]
+            litdata.optimize(fn=functools.partial(encode_item, root=str(folder.root)), inputs=inputs,
+                             output_dir=str(staging / split), chunk_bytes=chunk_bytes, num_workers=num_workers,
+                             mode="overwrite", verbose=False)
+        manifest = {"format": FORMAT, "paired": paired, "side_by_side": bool(paired and folder.side_by_side),
+                    "splits": sizes, "fingerprint": folder.info()["fingerprint"], "split_seed": split_seed,
+                    "val_fraction": val_fraction, "test_fraction": test_fraction, "source": str(Path(root).resolve())}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        out.mkdir(exist_ok=True)
+        for name in (*SPLITS, MANIFEST):                        # the earlier conversion's parts, replaced
+            old = out / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+            if (staging / name).exists():
+                (staging / name).rename(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -144,17 +159,14 @@ def streaming_dataset_class():
         def __getitem__(self, index):
             raw = super().__getitem__(index)
             r = self.reader
-            try:
-                img = open_image(io.BytesIO(raw["a"]), r["channels"])
-                if raw["b"]:
-                    images = [img, open_image(io.BytesIO(raw["b"]), r["channels"])]
-                elif r["side_by_side"]:
-                    images = split_pair(img, raw["name"])
-                else:
-                    images = [img]
+            try:                                         # the checks and decoding of the folder datasets
+                files = [raw["a"], raw["b"]] if r["two_files"] else [raw["a"]]
+                images = decode_sample(files, r["channels"], r["side_by_side"], raw["name"])
             except UNREADABLE as err:
-                warnings.warn(f"skipping unreadable image {raw['name']} in {self.input_dir.url or self.input_dir.path} "
-                              f"({type(err).__name__}: {err})", stacklevel=2)
+                what = "pair" if r["two_files"] else "image"
+                where = self.input_dir.url or self.input_dir.path
+                warnings.warn(f"skipping unreadable {what} {raw['name']} in {where} ({type(err).__name__}: {err})",
+                              stacklevel=2)
                 return None                                      # the collate function drops it
             epoch = self.current_epoch - 1 if self.train else None       # litdata counts epochs from 1
             return make_item(images, int(raw["index"]), int(raw["key"]), epoch, r["seed"], r["fixed_seed"], r["size"],
@@ -237,8 +249,9 @@ class StreamingDataModule(SplitDataModule):
                              f"{MANIFEST} says {manifest['splits']['train']}")
 
     def make_dataset(self, split: str, train: bool):
-        reader = {"channels": self.channels, "size": (self.image_size, self.image_size),
-                  "side_by_side": bool(self.manifest["side_by_side"]), "swap": self.direction == "BtoA",
+        side_by_side = bool(self.manifest["side_by_side"])
+        reader = {"channels": self.channels, "size": (self.image_size, self.image_size), "side_by_side": side_by_side,
+                  "two_files": bool(self.manifest["paired"]) and not side_by_side, "swap": self.direction == "BtoA",
                   "augment": self.augment, "fixed_seed": int(self.manifest["split_seed"]), "seed": 0}
         return streaming_dataset_class()(f"{self.input_dir.rstrip('/')}/{split}", reader, train,
                                          cache_dir=self.cache_dir, max_cache_size=self.max_cache_size,

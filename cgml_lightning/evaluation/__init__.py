@@ -42,6 +42,20 @@ def first_inputs(batches: Iterable[dict[str, Any]], num_inputs: int) -> Iterator
             return
 
 
+def warn_degradation_changes(module, datamodule) -> None:
+    """Name each setting of the datamodule's degradation (the task, its mask, noise or scale) that differs from the
+    one the module was trained with: its metrics then measure another task than the one it learned."""
+    trained = (getattr(module, "data_info", None) or {}).get("degradation")
+    now = datamodule.info().get("degradation") if callable(getattr(datamodule, "info", None)) else None
+    if not (trained and now):
+        return
+    keys = ["task", *sorted((set(trained) | set(now)) - {"task"})]
+    changed = [f"data.{k}={now.get(k)} (trained with {trained.get(k)})" for k in keys if now.get(k) != trained.get(k)]
+    if changed:
+        log.warning("the test inputs are degraded unlike training: %s; set those keys as in training to evaluate "
+                    "the task the model learned", ", ".join(changed))
+
+
 @torch.no_grad()
 def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, seed: int = 0,
              nets: EvalNets | None = None, sample_pool: int | None = None) -> dict[str, float | str | None]:
@@ -58,7 +72,11 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     Other vector data: best-of-N and mean L2 error, diversity.
     sample_pool: the N samples are the medoids of this many per input (ConditionalModule.sample's pool).
     A progress bar (cgml_lightning.progress) follows the test batches."""
+    for key, value in (("num_samples", num_samples), ("num_inputs", num_inputs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"evaluate: {key} must be a positive whole number; got {value!r}")
     datamodule.setup("test")
+    warn_degradation_changes(module, datamodule)
     generator = torch.Generator().manual_seed(seed)
     if hasattr(datamodule, "modes"):
         x = datamodule.grid(num_inputs)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import lightning as L
 from lightning.pytorch.profilers import PassThroughProfiler
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
@@ -45,6 +46,11 @@ def compiled(fn: Callable) -> Callable:
 def repeat_feats(feats: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
     """The encoder features of the inputs `rows` names, one row each (an input appears as often as named)."""
     return tuple(f[rows] for f in feats)
+
+
+def is_count(value: Any) -> bool:
+    """A whole number (a Python or numpy integer), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def sample_rows(num_inputs: int, num_samples: int, device: torch.device) -> Tensor:
@@ -288,8 +294,13 @@ class ConditionalModule(L.LightningModule):
         if was and was != self.data_info.get("kind"):
             raise ValueError(f"init_from={path} was trained on {was} data, this run is on {self.data_info.get('kind')} "
                              f"data: fine-tune from a checkpoint of the same kind of data")
+        from cgml_lightning.models import MODULES
+
         source = checkpoint.get("cgml_module")
-        if source and source != self.module_name:
+        if source is not None and source not in MODULES:
+            raise ValueError(f"init_from={path}: not a cgml-lightning checkpoint (it records module {source!r}; known: "
+                             f"{sorted(MODULES)})")
+        if source is not None and source != self.module_name:
             raise ValueError(f"init_from={path} is a model={source} checkpoint, this run is model={self.module_name}: "
                              f"fine-tune with model={source}")
         self.check_init_source(path, saved)
@@ -413,8 +424,14 @@ class ConditionalModule(L.LightningModule):
 
         pool: draw this many per input and keep the num_samples medoids of them (squared L2 between outputs;
         algorithm.medoids): a set that covers the sample distribution rather than independent draws."""
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not is_count(num_samples) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive number of samples per input; got {num_samples!r}")
+        for key, value in (("steps", steps), *((k, kwargs[k]) for k in ("guide_steps",) if k in kwargs)):
+            if value is not None and (not is_count(value) or value < 0):
+                raise ValueError(f"{key} must be a whole number of steps, 0 or more; got {value!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give seed= or generator=, not both: each sets where the samples' randomness starts")
+        x = x if isinstance(x, Tensor) else torch.as_tensor(x)                       # numpy arrays too
         if tuple(x.shape[1:]) != self.x_shape:
             raise ValueError(f"x has shape {list(x.shape)}; this model takes a batch of inputs of shape "
                              f"{list(self.x_shape)}: [B, {', '.join(map(str, self.x_shape))}]")

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from cgml_lightning import algorithm as A
-from cgml_lightning.models.base import DEFAULT_OPTIMIZER, ConditionalModule, in_chunks, repeat_feats, sample_rows
+from cgml_lightning.models.base import (DEFAULT_OPTIMIZER, ConditionalModule, in_chunks, is_count, repeat_feats,
+                                         sample_rows)
 from cgml_lightning.nets import DynamicsNet
 
 
@@ -95,8 +96,16 @@ class CGMLModule(ConditionalModule):
         self.hparams.pop("inference_steps", None)
         # the settings in force, as checkpoints record them
         self.hparams.update(settings, optimizer=optimizer, dynamics_net=dynamics_net)
-        if w_steps < 1:
-            raise ValueError(f"model.w_steps must be at least 1; got {w_steps}")
+        counts = {"w_steps": (w_steps, 1), "z_steps": (settings["z_steps"], 1),
+                  "start_candidates": (settings["start_candidates"], 0), "sample_steps": (settings["sample_steps"], 0),
+                  "table_neighbours": (table_neighbours, 1), "max_nonfinite_batches": (max_nonfinite_batches, 1)}
+        for key, (value, least) in counts.items():
+            if not is_count(value) or value < least:
+                raise ValueError(f"model.{key} must be a whole number, at least {least}; got {value!r}")
+        if not (isinstance(settings["z_lr"], (int, float)) and settings["z_lr"] > 0):
+            raise ValueError(f"model.z_lr must be a positive step length; got {settings['z_lr']!r}")
+        if not 0 <= restart_prob <= 1:
+            raise ValueError(f"model.restart_prob must be a probability in [0, 1]; got {restart_prob!r}")
         sample_starts = settings["sample_starts"]
         self.automatic_optimization = False                     # z-, Z- and w-steps alternate by hand
         self.lipschitz = {"kind": "none", "weight": 0.0, "sigma": 1e-3, **(lipschitz or {})}
@@ -342,12 +351,21 @@ class CGMLModule(ConditionalModule):
         is flat in z, and fewer samples reach the constraint (docs/results.md, guided sampling)."""
         feats = repeat_feats(feats, rows)
 
+        def check_latents(z_: Tensor) -> Tensor:                      # a step on a NaN/Inf gradient leaves NaN
+            if not torch.isfinite(z_).all():
+                raise ValueError("guide's gradient is NaN or Inf for these samples (its value is finite): it must "
+                                 "be differentiable where the samples lie (e.g. no sqrt of 0)")
+            return z_
+
         def penalty(z_: Tensor) -> Tensor:
-            value = guide(self.generator.decode(feats, z_).view(*bn, *self.y_shape))
+            value = guide(self.generator.decode(feats, check_latents(z_)).view(*bn, *self.y_shape))
             if not (isinstance(value, Tensor) and value.requires_grad):
                 got = "a tensor without a gradient" if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"guide returned {got}: it must be a differentiable torch function of the samples "
                                  "it is given (a scalar, or one penalty per sample: they are summed)")
+            if not torch.isfinite(value.detach()).all():
+                raise ValueError("guide returned NaN or Inf for these samples: it must give a finite penalty "
+                                 "(check for divisions by zero, logs of 0)")
             return value
 
-        return A.z_descent(penalty, z, steps, lr, normalized=True, path=False)
+        return check_latents(A.z_descent(penalty, z, steps, lr, normalized=True, path=False))
