@@ -608,5 +608,5 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
         if str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             log.warning("%s (a grid uses no optimized value; its results are in metrics.json)", message)
             return None
-        raise KeyError(message)
+        raise ValueError(message)
     return float(value)

@@ -1,6 +1,7 @@
 """The researcher's loop: sweeps on every kind of experiment, results and pictures in the loggers (W&B offline,
 TensorBoard, CSV), one W&B group per sweep, and a missing optimized metric failing with the keys that exist."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_basic_sweep_is_one_wandb_group_with_runs_named_from_overrides(tmp_path)
 def test_a_missing_optimized_metric_names_the_keys_there_are(tmp_path):
     """Under Optuna a job without the optimized metric fails, naming the metrics there are; a grid (Hydra's basic
     sweeper, which consumes no value) warns the same and keeps going."""
-    from cgml_lightning.runs import optimized_value
+    from cgml_lightning.runs import optimized_value, user_errors
 
     proc = run_cli("cgml-train", "-m", *TOY, *TINY, "optimized_metric=psnr_best_of_n", f"hydra.sweep.dir={tmp_path}",
                    cwd=tmp_path)
@@ -65,8 +66,17 @@ def test_a_missing_optimized_metric_names_the_keys_there_are(tmp_path):
     cfg = compose_job(tmp_path / "optuna", "experiment=toy", "hparams_search=cgml_vectors",
                       "optimized_metric=psnr_best_of_n")
     assert HydraConfig.get().mode == RunMode.MULTIRUN
-    with pytest.raises(KeyError, match=r"optimized_metric=psnr_best_of_n: .*\['mode_near_fraction'\]"):
+    with pytest.raises(ValueError, match=r"optimized_metric=psnr_best_of_n: .*\['mode_near_fraction'\]"):
         optimized_value(cfg, {"mode_near_fraction": 0.9, "model": "cgml"})
+    handler = logging.FileHandler(tmp_path / "job.log")                   # the job's log file records why it failed
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(ValueError), user_errors(multirun=True):
+            optimized_value(cfg, {"mode_near_fraction": 0.9})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert "optimized_metric=psnr_best_of_n" in (tmp_path / "job.log").read_text()
 
 
 def test_hparams_search_without_a_metric_fails_before_training(tmp_path):
