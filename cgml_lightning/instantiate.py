@@ -118,5 +118,6 @@ def datamodule_from_record(record: Any, source: str):
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if unknown is None:
             raise
-        raise ValueError(f"{source}: data.{unknown[1]} is not a setting of {name.rsplit('.', 1)[-1]}; check the "
-                         f"key's spelling") from None
+        raise ValueError(f"{source}: data.{unknown[1]} is not a setting of {name.rsplit('.', 1)[-1]}: check the "
+                         f"spelling of +data.{unknown[1]}, or, where the checkpoint recorded it (an earlier version of "
+                         f"this package), give the data with data=GROUP") from None

@@ -19,9 +19,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cgml_lightning.data.base import IndexedDataset
 from cgml_lightning.files import newest_checkpoint, read_checkpoint
 from cgml_lightning.instantiate import datamodule_from_record, instantiate
-from cgml_lightning.models import MODULES, ConditionalModule
+from cgml_lightning.models import ConditionalModule
+from cgml_lightning.models.base import is_count, recorded_module
 
 log = logging.getLogger("cgml_lightning")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -30,12 +32,13 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeErro
 CONFIG_PATH = "pkg://cgml_lightning.conf"
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 # what a resume may change: how the module samples, checks, compiles or batches its work, how fast its average
-# follows (whether it keeps one is checked), and where the data is read from (the training set's fingerprint vouches
-# for it); every other model and data key continues the run as it was
-RESUME_MAY_CHANGE = {"z_phase", "sample_steps", "val_num_samples", "max_nonfinite_batches", "compile", "channels_last",
-                     "start_batching", "table_neighbours", "ema_decay"}
-DATA_MAY_CHANGE = {"_target_", "root", "input_dir", "path", "data_dir", "num_workers", "eval_batch_size", "check_files",
-                   "cache_dir", "max_cache_size", "storage_options"}
+# follows (whether it keeps one is checked), gradient clipping (the remedy a non-finite stop names), and where the
+# data is read from (the training set's fingerprint vouches for it); every other model and data key continues the
+# run as it was
+RESUME_MAY_CHANGE = {"z_phase", "sample_steps", "sampler", "val_num_samples", "max_nonfinite_batches", "compile",
+                     "channels_last", "start_batching", "table_neighbours", "ema_decay", "clip_grad_norm"}
+DATA_MAY_CHANGE = {"_target_", "root", "input_dir", "path", "data_dir", "download", "num_workers", "eval_batch_size",
+                   "check_files", "cache_dir", "max_cache_size", "storage_options"}
 SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction", "max_images", "max_train_samples", "path", "root",
               "input_dir")                      # data keys that decide which samples a split holds
 
@@ -138,7 +141,7 @@ def check_manual_steps(module: ConditionalModule, trainer: DictConfig) -> None:
     own clipping and accumulation for them, so name what to use instead."""
     if module.automatic_optimization:
         return
-    if trainer.get("gradient_clip_val") is not None:
+    if (trainer.get("gradient_clip_val") or 0) > 0:
         raise ValueError(f"trainer.gradient_clip_val: model={module.module_name} steps its optimizers itself, which "
                          f"Lightning's clipping does not reach; clip with model.clip_grad_norm")
     if trainer.get("accumulate_grad_batches", 1) != 1:
@@ -244,10 +247,7 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
     their shapes), or with another schedule length."""
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("hyper_parameters", {})
-    recorded = checkpoint.get("cgml_module")
-    if recorded is not None and recorded not in MODULES:
-        raise ValueError(f"ckpt_path={path}: not a cgml-lightning checkpoint (it records module {recorded!r}; known: "
-                         f"{sorted(MODULES)})")
+    recorded = recorded_module(checkpoint, f"ckpt_path={path}")
     if recorded is not None and recorded != module.module_name:
         raise ValueError(f"ckpt_path={path} holds a model={recorded} run, not model={module.module_name}; resume "
                          f"with model={recorded}")
@@ -279,7 +279,7 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
                              f"resume with {name}.{k}={was.get(k)} (a resumed run continues the same one)")
     checked = {"data_info", "net", "dynamics_net", "optimizer", "dynamics_optimizer", "scheduler"}
     for key in sorted(set(as_saved) & set(module.hparams) - checked - RESUME_MAY_CHANGE):
-        if as_saved[key] != module.hparams[key]:
+        if None not in (as_saved[key], module.hparams[key]) and as_saved[key] != module.hparams[key]:   # None: unset
             raise ValueError(f"ckpt_path={path}: model.{key}={as_saved[key]} in the checkpoint vs "
                              f"{module.hparams[key]} now; resume with model.{key}={as_saved[key]} (a resumed run "
                              f"continues the same one), or fine-tune with init_from={path}")
@@ -326,7 +326,7 @@ def inference_module(cfg: DictConfig) -> ConditionalModule:
         raise ValueError(f"weights must be averaged or live; got {weights!r}")
     for key in ("num_samples", "num_inputs"):
         value = cfg.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not is_count(value) or value < 1):
             raise ValueError(f"{key} must be a positive whole number; got {value!r}")
     module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
     if weights == "live":
@@ -386,9 +386,10 @@ def checkpoint_datamodule(cfg: DictConfig, module: ConditionalModule):
     used = given if "_target_" in given else {**recorded, **given}
     changed = "".join(f"; data.{k}={used[k]} (trained with {recorded[k]})" for k in SPLIT_KEYS
                       if k in used and k in recorded and used[k] != recorded[k])
-    # arrays held in memory fingerprint their degraded inputs: another degradation alone changes that fingerprint
-    # (the evaluation names it), not the split
-    degraded_only = (trained.get("degradation") != now.get("degradation") and not changed
+    # a training split of in-memory inputs (IndexedDataset) fingerprints x: another degradation alone changes that
+    # fingerprint (the evaluation names it), not the split; other datamodules fingerprint the targets or the files
+    degraded_only = (isinstance((getattr(dm, "splits", None) or {}).get("train"), IndexedDataset)
+                     and trained.get("degradation") != now.get("degradation") and not changed
                      and trained.get("num_train_samples") == now.get("num_train_samples"))
     if trained.get("fingerprint") and now.get("fingerprint") != trained["fingerprint"] and not degraded_only:
         log.warning("%s gives another training split than %s was trained on (%s training samples, %s then%s): "
@@ -553,10 +554,11 @@ def worker_message(err: BaseException) -> str | None:
     frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
     if not frames or not Path(lines[frames[-1]].split('"')[1]).resolve().is_relative_to(PACKAGE_DIR):
         return None
-    head = f"{type(err).__name__}: "
+    names = {type(err).__name__, f"{type(err).__module__}.{type(err).__qualname__}"}   # how Python prints its type
     for i in range(frames[-1] + 1, len(lines)):
-        if lines[i].startswith(head):
-            return "\n".join([lines[i][len(head):], *lines[i + 1:]])
+        name, _, message = lines[i].partition(": ")
+        if name in names:
+            return "\n".join([message, *lines[i + 1:]])
     return None
 
 

@@ -435,6 +435,13 @@ def test_a_check_raised_in_a_data_loader_worker_ends_with_its_message_alone(tmp_
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: no readable image left in the train split under ") and "Traceback" not in err
+    from cgml_lightning.data.folders import split_pair
+
+    odd = torch.utils.data.DataLoader([1, 2], num_workers=1, collate_fn=lambda items: split_pair(Image.new("L", (5, 4)),
+                                                                                                 "odd.png"))
+    with pytest.raises(SystemExit), user_errors(multirun=False):       # the package's own class, printed qualified
+        next(iter(odd))
+    assert capsys.readouterr().err.startswith("Error: odd.png: an A|B image needs an even width")
     loader = torch.utils.data.DataLoader([1, 2], num_workers=1, collate_fn=lambda items: int("not a number"))
     with pytest.raises(ValueError, match="Caught ValueError in DataLoader worker"), user_errors(multirun=False):
         next(iter(loader))                                                # raised outside the package: reported
@@ -634,6 +641,21 @@ def test_eval_warns_when_the_recorded_folder_now_lists_another_split(tmp_path, c
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(moved / "added.png")
     checkpoint_datamodule(OmegaConf.create({"ckpt_path": "run.ckpt", "data": {"root": str(moved)}}), module)
     assert "the checkpoint's data config with +data.root gives another training split than run.ckpt" in caplog.text
+    caplog.clear()                                  # a folder's fingerprint is its files': another mask hides nothing
+    checkpoint_datamodule(OmegaConf.create({"ckpt_path": "run.ckpt", "data": {"root": str(moved), "mask": "box"}}),
+                          module)
+    assert "another training split" in caplog.text
+
+
+def test_another_degradation_of_in_memory_data_is_not_another_split(digits_run, caplog):
+    """Digits held in memory fingerprint their masked inputs: +data.mask_side=top changes that fingerprint, and
+    the evaluation names the mask, not a split."""
+    from cgml_lightning.runs import checkpoint_datamodule, load_checkpoint
+
+    module = load_checkpoint(str(digits_run / "checkpoints" / "last.ckpt"))
+    with caplog.at_level("WARNING", logger="cgml_lightning"):
+        checkpoint_datamodule(OmegaConf.create({"ckpt_path": "run.ckpt", "data": {"mask_side": "top"}}), module)
+    assert "another training split" not in caplog.text
 
 
 def test_checkpoints_record_local_data_folders_absolute(tmp_path, monkeypatch):

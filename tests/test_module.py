@@ -294,6 +294,8 @@ def test_evaluate_takes_a_users_own_datamodule(toy_dm):
 
     metrics = evaluate(CGMLModule(toy_dm.info(), MLP_NET, **SMALL), Own(), num_samples=2, num_inputs=8)
     assert metrics["num_inputs"] == 8 and metrics["l2_best_of_n"] > 0
+    with pytest.raises(ValueError, match="num_inputs must be a positive whole number; got 0"):
+        evaluate(CGMLModule(toy_dm.info(), MLP_NET, **SMALL), Own(), num_samples=2, num_inputs=0)
 
 
 def test_fine_tuning_names_another_model_or_kind_of_data(fitted, toy_dm, tmp_path):
@@ -339,7 +341,8 @@ def test_resume_refuses_other_z_phase_or_data_settings_and_takes_sampling_ones(f
     with pytest.raises(ValueError, match=r"data.batch_size=64 in the checkpoint vs 16 now"):
         check_resume(str(path), CGMLModule({**info, "data": {**info["data"], "batch_size": 16}}, MLP_NET, **SMALL))
     moved = {**info, "data": {**info["data"], "num_workers": 4, "path": "/elsewhere"}}
-    check_resume(str(path), CGMLModule(moved, MLP_NET, **{**SMALL, "sample_steps": 2, "val_num_samples": 2}))
+    check_resume(str(path), CGMLModule(moved, MLP_NET, **{**SMALL, "sample_steps": 2, "val_num_samples": 2,
+                                                          "clip_grad_norm": 1.0}))
 
 
 # ---- sampling API --------------------------------------------------------------------------------------------

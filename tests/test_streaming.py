@@ -212,7 +212,19 @@ def test_a_failed_conversion_keeps_the_earlier_one(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         convert(tmp_path / "imgs", out, val_fraction=0.2, test_fraction=0.2, overwrite=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]          # no staging folder left
+    assert sorted(p.name for p in out.iterdir()) == ["cgml.json", "test", "train", "val"]   # no staging folder left
+    monkeypatch.undo()
+    replace = os.replace
+
+    def fails_on_val(src, dst):                                     # the swap itself fails half-way
+        if Path(dst) == out / "val" and ".converting-" in str(src) and "earlier" not in str(src):
+            raise OSError("cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_on_val)
+    with pytest.raises(OSError, match="cross-device"):
+        convert(tmp_path / "imgs", out, val_fraction=0.5, test_fraction=0.0, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     monkeypatch.undo()
     convert(tmp_path / "imgs", out, val_fraction=0.5, test_fraction=0.0, overwrite=True)
     assert json.loads((out / "cgml.json").read_text())["splits"] == {"train": 3, "val": 3, "test": 0}

@@ -268,10 +268,10 @@ def decode_upright(path: str | Path | io.BytesIO) -> Image.Image:
         img.load()
         turn = UPRIGHT.get(orientation(img))
         img = img.transpose(turn) if turn is not None else img
-        if not img.mode.startswith("I;16"):
+        if not (img.mode.startswith("I;16") or img.mode == "I"):  # "I": how older Pillow opens 16-bit PNG
             return img
         raw = np.asarray(img)
-        grey = Image.fromarray((raw.astype(np.float32) / 257.0).round().astype(np.uint8))
+        grey = Image.fromarray((raw.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8))
         clear = img.info.get("transparency")
         if not isinstance(clear, int):
             return grey

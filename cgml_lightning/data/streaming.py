@@ -80,9 +80,10 @@ def convert(root: str | Path, out: str | Path, paired: bool = False, layout: str
         raise FileExistsError(f"--out {out} holds {what}; give an empty or new folder, or --overwrite to replace "
                               f"its chunks and {MANIFEST}")
     folder.setup()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # written beside OUT first, then moved in: a conversion that fails leaves OUT as it was
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    # written into a hidden folder inside OUT (one file system), then swapped in: the earlier parts move aside first
+    # and come back if the swap fails, so a conversion that fails leaves OUT as it was
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out))
     try:
         sizes = {}
         for split in SPLITS:
@@ -99,18 +100,31 @@ def convert(root: str | Path, out: str | Path, paired: bool = False, layout: str
                     "splits": sizes, "fingerprint": folder.info()["fingerprint"], "split_seed": split_seed,
                     "val_fraction": val_fraction, "test_fraction": test_fraction, "source": str(Path(root).resolve())}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        out.mkdir(exist_ok=True)
-        for name in (*SPLITS, MANIFEST):                        # the earlier conversion's parts, replaced
-            old = out / name
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink(missing_ok=True)
-            if (staging / name).exists():
-                (staging / name).rename(old)
+        swap_in(staging, out, (*SPLITS, MANIFEST))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def swap_in(staging: Path, out: Path, names: tuple[str, ...]) -> None:
+    """Replace out/NAME by staging/NAME for each name (a name staging lacks is removed from out): out's parts move
+    to staging/earlier first, and back if a move fails."""
+    earlier = staging / "earlier"
+    earlier.mkdir()
+    for name in names:
+        if (out / name).exists():
+            os.replace(out / name, earlier / name)
+    try:
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+    except OSError:
+        for name in names:
+            if (earlier / name).exists():
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                os.replace(earlier / name, out / name)
+        raise
 
 
 # ---- read ---------------------------------------------------------------------------------------------------------

@@ -72,9 +72,10 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     Other vector data: best-of-N and mean L2 error, diversity.
     sample_pool: the N samples are the medoids of this many per input (ConditionalModule.sample's pool).
     A progress bar (cgml_lightning.progress) follows the test batches."""
-    for key, value in (("num_samples", num_samples), ("num_inputs", num_inputs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"evaluate: {key} must be a positive whole number; got {value!r}")
+    from cgml_lightning.models.base import is_count        # models import evaluation's metrics: imported here
+
+    if not is_count(num_inputs) or num_inputs < 1:         # num_samples: sample() checks it
+        raise ValueError(f"evaluate: num_inputs must be a positive whole number; got {num_inputs!r}")
     datamodule.setup("test")
     warn_degradation_changes(module, datamodule)
     generator = torch.Generator().manual_seed(seed)

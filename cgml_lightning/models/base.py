@@ -48,6 +48,18 @@ def repeat_feats(feats: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
     return tuple(f[rows] for f in feats)
 
 
+def recorded_module(checkpoint: dict, source: str, required: bool = False) -> str | None:
+    """The model name a checkpoint records (None where it records none and none is required); an error naming source
+    for a name that is no module's."""
+    from cgml_lightning.models import MODULES
+
+    name = checkpoint.get("cgml_module")
+    if (name is not None or required) and name not in MODULES:
+        raise ValueError(f"{source}: not a cgml-lightning checkpoint (it records module {name!r}; known: "
+                         f"{sorted(MODULES)})")
+    return name
+
+
 def is_count(value: Any) -> bool:
     """A whole number (a Python or numpy integer), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -216,10 +228,7 @@ class ConditionalModule(L.LightningModule):
         from cgml_lightning.models import MODULES
 
         checkpoint, data = read_checkpoint_bytes(checkpoint_path)
-        recorded = checkpoint.get("cgml_module")
-        if recorded not in MODULES:
-            raise ValueError(f"{checkpoint_path}: not a cgml-lightning checkpoint (it records module {recorded!r}; "
-                             f"known: {sorted(MODULES)})")
+        recorded = recorded_module(checkpoint, str(checkpoint_path), required=True)
         target = MODULES[recorded]
         if not issubclass(target, cls):
             raise ValueError(f"{checkpoint_path}: holds a {target.__name__} (model={recorded}), not a {cls.__name__}; "
@@ -294,12 +303,7 @@ class ConditionalModule(L.LightningModule):
         if was and was != self.data_info.get("kind"):
             raise ValueError(f"init_from={path} was trained on {was} data, this run is on {self.data_info.get('kind')} "
                              f"data: fine-tune from a checkpoint of the same kind of data")
-        from cgml_lightning.models import MODULES
-
-        source = checkpoint.get("cgml_module")
-        if source is not None and source not in MODULES:
-            raise ValueError(f"init_from={path}: not a cgml-lightning checkpoint (it records module {source!r}; known: "
-                             f"{sorted(MODULES)})")
+        source = recorded_module(checkpoint, f"init_from={path}")
         if source is not None and source != self.module_name:
             raise ValueError(f"init_from={path} is a model={source} checkpoint, this run is model={self.module_name}: "
                              f"fine-tune with model={source}")

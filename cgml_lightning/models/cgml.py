@@ -264,8 +264,9 @@ class CGMLModule(ConditionalModule):
             raise FloatingPointError(
                 f"{self.nonfinite_streak} batches in a row gave NaN/Inf losses, latents or gradients (last: batch "
                 f"{batch_idx}); saved {path}: the weights, latent table and optimizers after the last finite update "
-                f"(step {self.global_step}), the loop at this batch. Lower the learning rates or z_lr, set "
-                f"model.clip_grad_norm, or run with debug=anomaly to find the op.")
+                f"(step {self.global_step}), the loop at this batch. Resume from it with model.clip_grad_norm set "
+                f"(ckpt_path={path}), fine-tune from it with lower learning rates or z_lr (init_from={path}), or "
+                f"run with debug=anomaly to find the op.")
 
     def optimizer_groups(self):
         """opt_w: encoder + decoder; opt_z: the dynamics net (dynamics_optimizer, else the same optimizer)."""
