@@ -74,6 +74,27 @@ class Snapshots(L.Callback):
 
 
 # ---- training --------------------------------------------------------------------------------------------------
+def check_bench(cfg: DictConfig, out: Path) -> None:
+    """Refuse, before any data is read, what would lose or mislabel results: a folder that holds an earlier bench
+    report (it would be replaced), a model listed twice, a `model=` in the overrides (the rows would carry other
+    models' names), a budget that trains nothing, fewer than two evaluation inputs."""
+    if (out / "bench.json").exists():
+        raise ValueError(f"{out} holds an earlier bench report (bench.json); give a new hydra.run.dir")
+    models = [str(m) for m in cfg.models]
+    if len(set(models)) != len(models):
+        raise ValueError(f"models={models}: each model once")
+    for name in ("overrides", *(f"model_overrides.{m}" for m in models)):
+        given = cfg.overrides if name == "overrides" else model_overrides(cfg, name.split(".", 1)[1])
+        if any(str(o).lstrip("+~").split("=", 1)[0] == "model" for o in given):
+            raise ValueError(f"{name}: `model=` would train another model under this row's name; list the models "
+                             f"in models=[...]")
+    if not (isinstance(cfg.profile.budget_s, (int, float)) and cfg.profile.budget_s > 0):
+        raise ValueError(f"profile.budget_s must be a positive number of seconds; got {cfg.profile.budget_s!r}")
+    if not (isinstance(cfg.profile.num_inputs, int) and cfg.profile.num_inputs >= 2):
+        raise ValueError(f"profile.num_inputs must be at least 2 (FID and diversity compare several); got "
+                         f"{cfg.profile.num_inputs!r}")
+
+
 def bench_seeds(seeds) -> list[int]:
     """The bench's `seeds`: a list of distinct ints as given, or an int N for the seeds 0 .. N-1."""
     if isinstance(seeds, bool):
@@ -85,8 +106,8 @@ def bench_seeds(seeds) -> list[int]:
     if isinstance(seeds, str) or not isinstance(seeds, Sequence):
         raise ValueError(f"seeds: a list of ints or a count N (seeds 0..N-1); got {seeds!r}")
     out = list(seeds)
-    if not out or not all(isinstance(s, int) and not isinstance(s, bool) for s in out):
-        raise ValueError(f"seeds: a non-empty list of ints or a count N (seeds 0..N-1); got {out!r}")
+    if not out or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in out):
+        raise ValueError(f"seeds: a non-empty list of ints (0 or more) or a count N (seeds 0..N-1); got {out!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"seeds: each seed once; got {out}")
     return out
@@ -139,6 +160,15 @@ def load_task(cfg: DictConfig, out: Path) -> tuple[str, Any]:
     if datamodule.kind != "image":
         raise ValueError(f"cgml-bench compares image tasks; task={task} gives {datamodule.kind} data")
     return task, datamodule
+
+
+def build_every_model(cfg: DictConfig, task: str, datamodule, out: Path, seed: int) -> None:
+    """Build each model and its optimizers once before any trains: a setting one of them refuses (a negative
+    learning rate, an unknown key) fails the bench before other models' results exist to be lost."""
+    for name in cfg.models:
+        module = build_module(train_config(cfg, task, name, out, seed), datamodule)
+        module.configure_optimizers()
+        del module
 
 
 def train_model(train_cfg: DictConfig, datamodule, budget_s: float, every_s: float):

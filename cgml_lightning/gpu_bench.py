@@ -67,6 +67,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for name in ("sizes", "batch_size", "repeats", "num_samples", "budget_s"):
+        values = getattr(args, name)
+        if any(v is not None and v <= 0 for v in (values if isinstance(values, list) else [values])):
+            parser.error(f"--{name.replace('_', '-')} must be positive; got {values}")
+    if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        parser.error(f"--device must be cpu or cuda (or cuda:N); got {args.device}")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")
     return args, rest
 
 

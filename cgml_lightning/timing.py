@@ -133,6 +133,9 @@ def perf_report(overrides: list[str], baselines: tuple[str, ...] = ("regressor",
 
     from cgml_lightning.runs import build_datamodule, build_module
 
+    if any(o.lstrip("+~").split("=", 1)[0] == "model" for o in overrides):
+        raise ValueError("timing compares model=cgml with the baselines; model= is no option here (model.* keys "
+                         "reach cGML)")
     with initialize_config_module("cgml_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
         datamodule = build_datamodule(cfg)
@@ -167,4 +170,8 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(perf_report(sys.argv[1:]), indent=2))
+    try:
+        report = perf_report(sys.argv[1:])
+    except ValueError as err:                               # a refused override: the message alone
+        sys.exit(f"Error: {err}")
+    print(json.dumps(report, indent=2))

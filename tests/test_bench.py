@@ -174,6 +174,28 @@ def test_model_overrides_reach_their_model_only(compose_bench):
         train_config(compose_bench("model_overrides.cgml=model.w_steps"), "digits_completion", "cgml", Path("out"), 0)
 
 
+def test_what_would_lose_or_mislabel_results_is_refused_before_training(compose_bench, tmp_path):
+    from cgml_lightning.benchmark import build_every_model, check_bench
+
+    for overrides, message in (
+            (["models=[regressor,regressor]"], "each model once"),
+            (['overrides=["model=cvae"]'], "overrides: `model=` would train another model"),
+            (['model_overrides.regressor=["model=cimle"]'], "model_overrides.regressor: `model=`"),
+            (["profile.budget_s=0"], "profile.budget_s must be a positive number"),
+            (["profile.num_inputs=1"], "profile.num_inputs must be at least 2"),
+            (["seeds=[-1]"], "seeds: a non-empty list of ints \\(0 or more\\)")):
+        with pytest.raises(ValueError, match=message):
+            check_bench(cfg := compose_bench(*overrides), tmp_path)
+            bench_seeds(cfg.seeds)
+    (tmp_path / "bench.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds an earlier bench report"):
+        check_bench(compose_bench(), tmp_path)
+    cfg = compose_bench("models=[cgml,regressor]", 'model_overrides.regressor=["model.optimizer.lr=-1"]')
+    task, datamodule = load_task(compose_bench("task=digits_completion"), tmp_path / "out")
+    with pytest.raises(ValueError, match="Invalid learning rate"):        # before cGML trains, not after
+        build_every_model(cfg, task, datamodule, tmp_path / "out", 0)
+
+
 def test_falls_back_to_digits_without_fashion_mnist(compose_bench, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("cgml_lightning.data.fashion_mnist.DEBIAN_DIR", tmp_path / "nowhere")
     cfg = compose_bench()

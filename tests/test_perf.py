@@ -257,3 +257,23 @@ def test_gpu_bench_records_compile_unavailable(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     assert [(r["model"], r["status"]) for r in rows] == [("cgml", "unavailable"), ("regressor", "unavailable")]
     assert all("not supported" in r["note"] for r in rows)
+
+
+def test_gpu_bench_refuses_arguments_that_measure_nothing(capsys, monkeypatch):
+    from cgml_lightning import gpu_bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, message in ((["--sizes", "-64"], "--sizes must be positive"), (["--repeats", "0"], "--repeats must be"),
+                          (["--batch-size", "0"], "--batch-size must be"), (["--budget-s", "0"], "--budget-s must be"),
+                          (["--device", "tpu"], "--device must be cpu or cuda"),
+                          (["--device", "cuda"], "sees no CUDA GPU")):
+        with pytest.raises(SystemExit):
+            gpu_bench.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_timing_refuses_another_model_in_cgmls_place():
+    from cgml_lightning.timing import perf_report
+
+    with pytest.raises(ValueError, match="model= is no option here"):
+        perf_report(["experiment=toy", "model=regressor"])

@@ -529,3 +529,14 @@ def test_a_trainer_this_machine_or_the_module_cannot_run_is_refused_first(tmp_pa
             check_trainer(compose_job(tmp_path / "one", "hydra/launcher=submitit_local", "hydra.mode=MULTIRUN").trainer)
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_a_negative_seed_is_refused_before_training(tmp_path):
+    from cgml_lightning.commands.train import run_train
+
+    try:
+        with pytest.raises(ValueError, match="seed must be a whole number, 0 or more; got -1"):
+            run_train(compose_job(tmp_path / "run", *TOY, "seed=-1"))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -15,9 +15,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cgml_lightning.benchmark import (LIVE_KEYS, bench_seeds, convergence_curve, first_batches, first_inputs, load_task,
-                                      markdown, model_overrides, plot_curves, protocol, seed_summary, step_timing,
-                                      train_config, train_model)
+from cgml_lightning.benchmark import (LIVE_KEYS, bench_seeds, build_every_model, check_bench, convergence_curve,
+                                      first_batches, first_inputs, load_task, markdown, model_overrides, plot_curves,
+                                      protocol, seed_summary, step_timing, train_config, train_model)
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.evaluation.feature_nets import build_eval_nets
 from cgml_lightning.evaluation.probe import linear_probe
@@ -37,6 +37,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     out, prof = check_output_dir(), cfg.profile
     if not cfg.models:
         raise ValueError("models: the bench needs at least one model")
+    check_bench(cfg, out)
     loggers = build_loggers(cfg)
     with task(loggers):
         report = bench(cfg, out, prof)
@@ -61,6 +62,7 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
     task_name, datamodule = load_task(cfg, out)
     task_note = "" if task_name == cfg.task else f"(Ran {task_name}: the data of {cfg.task} was not found.)"
     datamodule.setup()
+    build_every_model(cfg, task_name, datamodule, out, seeds[0])
     curve_batch = first_inputs(datamodule, "val", prof.curve_num_inputs)
     speed_x = first_inputs(datamodule, "test", prof.speed_inputs)["x"]
     picture_batch = first_inputs(datamodule, "test", prof.picture_inputs)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from cgml_lightning.evaluation import evaluate
 from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
+from cgml_lightning.models.base import is_count
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_manual_steps,
                                  check_output_dir, check_resume, check_trainer, check_training_folder, log_picture,
@@ -26,6 +27,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     check_trainer(cfg.trainer)
     if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
+    if not is_count(cfg.seed) or cfg.seed < 0:                  # the per-draw degradations seed numpy with it
+        raise ValueError(f"seed must be a whole number, 0 or more; got {cfg.seed!r}")
     L.seed_everything(cfg.seed, workers=True)
     out = check_output_dir()
     check_training_folder(out, cfg.get("ckpt_path"))
