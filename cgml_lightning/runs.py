@@ -260,14 +260,6 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
         raise ValueError(f"ckpt_path={path}: model.ema_decay={saved.get('ema_decay')} in the checkpoint vs "
                          f"{module.hparams.get('ema_decay')} now; resume with the checkpoint's setting, or fine-tune "
                          f"with init_from={path} (the average restarts from its weights)")
-    if saved.get("latent_dim") != module.hparams.get("latent_dim"):         # hparams: as each module records it
-        raise ValueError(f"ckpt_path={path}: latent_dim {saved.get('latent_dim')} in the checkpoint vs "
-                         f"{module.hparams.get('latent_dim')} now")
-    if module.module_name == "cgml" and "z_steps" in saved:
-        was = saved.get("w_steps", 1)                                      # checkpoints before w_steps made one
-        if was != module.hparams.w_steps:
-            raise ValueError(f"ckpt_path={path}: model.w_steps={was} in the checkpoint vs {module.hparams.w_steps} "
-                             f"now; resume with model.w_steps={was}, or fine-tune with init_from={path}")
     as_saved = {**saved, **module.legacy_hparams(saved)}
     for key, name in (("net", "net"), ("dynamics_net", "model.dynamics_net"), ("optimizer", "model.optimizer"),
                       ("dynamics_optimizer", "model.dynamics_optimizer"), ("scheduler", "model.scheduler")):

@@ -130,9 +130,11 @@ class CGMLModule(ConditionalModule):
 
     @classmethod
     def legacy_hparams(cls, saved: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoints written before dynamics_net.rho_output existed hold a Z with rho = softplus(unit)."""
+        """Checkpoints written before dynamics_net.rho_output existed hold a Z with rho = softplus(unit); those
+        written before w_steps existed made one w-step per batch."""
         dynamics_net = saved.get("dynamics_net") or {}
-        return {} if "rho_output" in dynamics_net else {"dynamics_net": {**dynamics_net, "rho_output": "softplus"}}
+        legacy = {} if "rho_output" in dynamics_net else {"dynamics_net": {**dynamics_net, "rho_output": "softplus"}}
+        return legacy if "w_steps" in saved or "z_steps" not in saved else {**legacy, "w_steps": 1}
 
     def check_init_source(self, path: str, saved: dict[str, Any]) -> None:
         """Z's last unit is rho itself (linear) or rho before a softplus: copied into the other setting, it moves
