@@ -36,20 +36,24 @@ def image_grid(x: Tensor, samples: Tensor, y: Tensor | None = None, scale: int =
 MAX_PANELS = 8                  # y dimensions drawn for vector data without known modes
 
 
-def draw_toy(ax, x: Tensor, samples: Tensor, modes: Tensor | None, dim: int = 0) -> None:
-    """On a matplotlib axis: output dimension `dim` of the samples [B, N, D] (red) against x [B, 1], and the true
-    modes [B, K, D] as black lines (None: no modes)."""
+def draw_toy(ax, x: Tensor, samples: Tensor, modes: Tensor | None, dim: int = 0, truth: Tensor | None = None) -> None:
+    """On a matplotlib axis: output dimension `dim` of the samples [B, N, D] (red) against x [B, 1], the true
+    modes [B, K, D] as black lines (None: no modes) and each input's given y [B, D] as a black cross."""
     if modes is not None:
         for k in range(modes.shape[1]):
             ax.plot(x[:, 0].cpu(), modes[:, k, dim].cpu(), color="black", lw=1, alpha=0.6)
     xs = x[:, :1].expand(-1, samples.shape[1]).cpu()
     ax.scatter(xs.flatten(), samples[..., dim].detach().flatten().cpu(), s=3, alpha=0.4, color="tab:red")
+    if truth is not None:
+        ax.scatter(x[:, 0].cpu(), truth[:, dim].cpu(), s=12, marker="x", color="black")
     ax.set_xlabel("x")
     ax.set_ylabel(f"y[{dim}]")
 
 
-def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path, title: str = "") -> None:
-    """Samples against x for each output dimension, with the true modes as lines. x [B, 1], samples [B, N, D]."""
+def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path, title: str = "",
+             truth: Tensor | None = None) -> None:
+    """Samples against x for each output dimension, with the true modes as lines and the given y as crosses.
+    x [B, 1], samples [B, N, D], truth [B, D]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +62,7 @@ def toy_plot(x: Tensor, samples: Tensor, modes: Tensor | None, path: str | Path,
     dims = samples.shape[-1]
     fig, axes = plt.subplots(1, dims, figsize=(4 * dims, 3.2), squeeze=False)
     for d, ax in enumerate(axes[0]):
-        draw_toy(ax, x, samples, modes, d)
+        draw_toy(ax, x, samples, modes, d, truth)
     fig.suptitle(title or "samples (red) and true modes (black)")
     save_figure(fig, path)
 
@@ -75,15 +79,25 @@ def save_samples_png(module, datamodule, path: str | Path, num_inputs: int = 8, 
     elif hasattr(datamodule, "grid"):
         x = datamodule.grid(100)
         toy_plot(x, module.sample(x, num_samples, seed=seed).cpu(), datamodule.modes(x), path)
-    else:                                                      # vector data without known modes: first input value
+    else:
         batch = first_test_batch(datamodule)
         x = batch["x"][:100]
-        order = x.flatten(1)[:, 0].argsort()
-        samples = module.sample(x[order], num_samples, seed=seed).flatten(2).cpu()
-        more = f" (the first {MAX_PANELS} of {samples.shape[-1]})" if samples.shape[-1] > MAX_PANELS else ""
-        toy_plot(x[order].flatten(1)[:, :1], samples[..., :MAX_PANELS], None, path,
-                 f"samples (red) against x[0], one panel per y dimension{more}")
+        vector_plot(x, module.sample(x, num_samples, seed=seed).cpu(), path, truth=batch["y"][:100])
     return path
+
+
+def vector_plot(x: Tensor, samples: Tensor, path: str | Path, modes: Tensor | None = None,
+                truth: Tensor | None = None) -> Path:
+    """Vector samples [B, N, ...] against the first value of x [B, ...], one panel per y dimension (the first
+    MAX_PANELS), with the true modes [B, K, D] as lines where known and the given y [B, ...] as crosses."""
+    order = x.flatten(1)[:, 0].argsort()
+    samples = samples[order].flatten(2)
+    modes = None if modes is None else modes[order][..., :MAX_PANELS]
+    truth = None if truth is None else truth[order].flatten(1)[:, :MAX_PANELS]
+    more = f" (the first {MAX_PANELS} of {samples.shape[-1]})" if samples.shape[-1] > MAX_PANELS else ""
+    toy_plot(x[order].flatten(1)[:, :1], samples[..., :MAX_PANELS], modes, path,
+             f"samples (red) against x[0], per y dimension{more}", truth)
+    return Path(path)
 
 
 def first_test_batch(datamodule) -> dict[str, Tensor]:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cgml_lightning.data.base import IndexedDataset
 from cgml_lightning.files import newest_checkpoint, read_checkpoint
 from cgml_lightning.instantiate import datamodule_from_record, instantiate
-from cgml_lightning.models import ConditionalModule
+from cgml_lightning.models import MODULES, ConditionalModule
 from cgml_lightning.models.base import is_count, recorded_module
 
 log = logging.getLogger("cgml_lightning")
@@ -212,6 +212,8 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
+    if "_target_" not in cfg.model:                  # model=_shared: the keys each model's file starts from
+        raise ValueError(f"model= must name a model, one of {', '.join(MODULES)}; the chosen model config builds none")
     info = {**datamodule.info(), "data": recorded_data(cfg.data)}
     return instantiate(cfg.model, data_info=info, net=plain(cfg.net), _recursive_=False, _convert_="all")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
-from cgml_lightning.models import MODULES, CGANModule, CVAEModule, FlowModule
+from cgml_lightning.models import MODULES, CGANModule, CGMLModule, CIMLEModule, CVAEModule, FlowModule
 
 NETS = {"mlp": {"name": "mlp", "width": 32, "depth": 2}, "unet": {"name": "unet", "width": 8, "depth": 2}}
 SMALL = {
@@ -206,10 +206,13 @@ def test_bad_options_rejected(toy_dm):
         CGANModule(info, net, latent_prior="uniform")
     with pytest.raises(ValueError, match="encoded_branch"):
         CGANModule(info, net, latent_prior="sphere", encoded_branch=True)
-    with pytest.raises(ValueError, match="latent_dim"):
-        CVAEModule(info, net, latent_dim=0)
+    for module, dim in ((CVAEModule, 0), (CGANModule, -1), (CIMLEModule, 0), (CGMLModule, 0), (CGMLModule, 2.5)):
+        with pytest.raises(ValueError, match=f"latent_dim must be a whole number, at least 1, for model=.*{dim}"):
+            module(info, net, latent_dim=dim)
     with pytest.raises(ValueError, match="sampler"):
         FlowModule(info, net, sampler="rk4")
+    with pytest.raises(ValueError, match="net must be a mapping of the net's settings.*got 'mlp'"):
+        CGMLModule(info, "mlp")
 
 
 # ---- CLI: one fast_dev_run per baseline ---------------------------------------------------------------------------

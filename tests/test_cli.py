@@ -115,6 +115,15 @@ def test_model_configs_compose(compose_train, model):
     check_targets(cfg)
 
 
+def test_the_shared_model_keys_are_not_a_model(compose_train, toy_dm):
+    """model=_shared (the keys each model's file starts from, listed by Hydra among the options) names the models
+    instead of failing inside Lightning."""
+    from cgml_lightning.runs import build_module
+
+    with pytest.raises(ValueError, match="model= must name a model, one of cgml, regressor"):
+        build_module(compose_train("experiment=toy", "model=_shared"), toy_dm)
+
+
 @pytest.mark.parametrize("model", group_options("model"))
 def test_z_phase_presets_by_data_kind(compose_train, model, digits_dm, toy_dm):
     """cGML takes its z-phase and sampler settings from its z_phase preset, by data kind (images: three short
@@ -587,6 +596,25 @@ def test_sample_from_checkpoint(digits_run, workdir):
     visible = (saved["x"][:, -1:] == 0).expand(4, 1, 8, 8)
     for i in range(3):
         assert torch.equal(saved["samples"][:, i][visible], saved["x"][:, :-1][visible])
+
+
+def test_sample_picture_of_vector_data_shows_the_samples_it_saved(toy_run, tmp_path, monkeypatch):
+    """cgml-sample on vector data plots the samples it wrote to samples.pt (num_inputs, pool, steps as given) with
+    their inputs' truth, not fresh draws for other inputs."""
+    import cgml_lightning.commands.sample as command
+
+    drawn = {}
+    monkeypatch.setattr(command, "check_output_dir", lambda: tmp_path)
+    monkeypatch.setattr(command, "vector_plot", lambda x, samples, path, modes, truth: drawn.update(
+        x=x, samples=samples, modes=modes, truth=truth))
+    cfg = OmegaConf.create({"ckpt_path": str(toy_run / "checkpoints" / "last.ckpt"), "num_samples": 2,
+                            "num_inputs": 4, "sample_pool": 5, "steps": 1, "seed": 0, "device": "cpu",
+                            "input": None, "mask": None, "hint": None, "data": None})
+    command.run_sample(cfg)
+    saved = torch.load(tmp_path / "samples.pt", map_location="cpu", weights_only=True)
+    assert saved["samples"].shape == (4, 2, 3) and torch.equal(drawn["samples"], saved["samples"])
+    assert torch.equal(drawn["x"], saved["x"]) and torch.equal(drawn["truth"], saved["y"])
+    assert drawn["modes"].shape == (4, 2, 3)                          # the toy's two branches at these inputs
 
 
 def test_eval_on_data_of_another_shape_names_the_sizes(digits_run, tmp_path):

@@ -388,7 +388,11 @@ def test_sample_refuses_what_is_no_count_and_takes_numpy(fitted, toy_dm):
             module.sample(x, **{"num_samples": 2, **kwargs})
     with pytest.raises(ValueError, match="give seed= or generator=, not both"):
         module.sample(x, 2, seed=0, generator=torch.Generator())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'guide_step' .*takes: chunk_size, guide_steps"):
+        module.sample(x, 2, guide_step=3)
     torch.testing.assert_close(module.sample(x.double().numpy(), 2, seed=1), module.sample(x, 2, seed=1))
+    whole = torch.tensor([[-1], [0], [2]])                              # whole-number vector inputs are values
+    torch.testing.assert_close(module.sample(whole, 2, seed=1), module.sample(whole.float(), 2, seed=1))
 
 
 @pytest.mark.parametrize("key, value", [("z_steps", 0), ("z_steps", -1), ("start_candidates", -3),
@@ -532,6 +536,14 @@ def test_table_starts_fit_writes_keys_and_samples_reproducibly(toy_dm):
                                module.snap_to_table(feats, z, neighbours))
 
 
+def test_table_starts_more_samples_than_neighbours_stay_distinct(toy_dm):
+    module = table_module(toy_dm, sample_steps=0, table_neighbours=4)
+    tiny_trainer(max_epochs=1, limit_train_batches=2).fit(module, datamodule=toy_dm)
+    samples = module.sample(toy_dm.grid(3), num_samples=12, seed=0)              # N = 3 x table_neighbours
+    for per_input in samples:                                                     # 12 different table latents each
+        assert len(torch.unique(per_input.round(decimals=5), dim=0)) == 12
+
+
 def test_table_starts_on_images(toy_dm, digits_dm):
     module, batch = make_module("unet", toy_dm, digits_dm, sample_starts="table", sample_steps=1)
     tiny_trainer(max_epochs=1, limit_train_batches=1).fit(module, datamodule=digits_dm)
@@ -539,6 +551,8 @@ def test_table_starts_on_images(toy_dm, digits_dm):
     free = module.sample(x, num_samples=4, seed=0)
     guided = module.sample(x, num_samples=4, seed=0, guide=lambda s: (s - 1).abs().sum())
     assert free.shape == guided.shape == (3, 4, *batch["y"].shape[1:]) and torch.isfinite(guided).all()
+    with pytest.raises(ValueError, match=r"x is torch.uint8: image inputs are floats in \[0, 1\]"):
+        module.sample((x * 255).to(torch.uint8), num_samples=2)
 
 
 def test_sample_starts_must_be_known(toy_dm):

@@ -180,3 +180,28 @@ def test_the_picture_of_multi_axis_inputs_and_many_outputs(tmp_path):
 
     width, height = Image.open(path).size
     assert width < 8 * 4 * 100 * 1.2 and height < 400                  # eight panels of 4 x 3.2 inches at 100 dpi
+
+
+def test_evaluate_refuses_data_of_another_y_shape(tmp_path):
+    """evaluate() on data whose y is shaped otherwise than the model's training data names both shapes, instead of
+    scoring broadcast distances."""
+    from cgml_lightning import CGMLModule
+    from cgml_lightning.evaluation import evaluate
+
+    rng = np.random.default_rng(0)
+    trained = NpzDataModule(path=write(tmp_path, x=rng.normal(size=(40, 2)), y=rng.normal(size=(40, 2))))
+    trained.setup()
+    module = CGMLModule(trained.info(), {"name": "mlp", "width": 16, "depth": 2}, latent_dim=4, z_phase="paper")
+    (tmp_path / "other").mkdir()
+    other = NpzDataModule(path=write(tmp_path / "other", x=rng.normal(size=(40, 2)), y=rng.normal(size=(40, 1))))
+    with pytest.raises(ValueError, match=r"NpzDataModule: its test targets y are \[1\] per sample, .*on y \[2\]"):
+        evaluate(module, other, num_samples=2, num_inputs=4)
+    assert evaluate(module, trained, num_samples=2, num_inputs=4)["num_inputs"] == 4
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("eval_batch_size", -2), ("num_workers", -1),
+                                       ("batch_size", 8.5)])
+def test_loader_settings_are_checked_at_construction(tmp_path, key, value):
+    """A batch size or worker count no DataLoader takes names its data.KEY before any data is read."""
+    with pytest.raises(ValueError, match=f"data.{key} must be a whole number.*got {value}"):
+        NpzDataModule(path=str(tmp_path / "never_read.npz"), **{key: value})

@@ -88,6 +88,17 @@ def test_hparams_search_without_a_metric_fails_before_training(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_metric_the_vector_data_never_reports_fails_before_training(tmp_path):
+    """Under Optuna, vector data whose metrics lack optimized_metric (the toy's mode_near_fraction on a user's npz
+    file, psnr on the toy) fails at setup, naming the keys it will report, before a trial trains."""
+    from cgml_lightning.commands.train import run_train
+
+    cfg = compose_job(tmp_path, "experiment=toy", "hparams_search=cgml_vectors", "optimized_metric=psnr_best_of_n")
+    with pytest.raises(ValueError, match=r"optimized_metric=psnr_best_of_n: .*'mode_coverage', 'mode_near_fraction'"):
+        run_train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
     """cgml-train on the toy with csv, W&B (offline) and TensorBoard, then cgml-eval of it with W&B."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from cgml_lightning.evaluation import warn_degradation_changes
 from cgml_lightning.files import atomic_path, save_image
 from cgml_lightning.models import ConditionalModule
-from cgml_lightning.plots import first_test_batch, image_grid, save_samples_png
+from cgml_lightning.plots import first_test_batch, image_grid, vector_plot
 from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module, user_errors
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
                                         input_channels, input_side, load_hint, load_images, load_mask,
@@ -94,7 +94,10 @@ def run_sample(cfg: DictConfig) -> Path:
         save_image(image_grid(inputs.x, payload["samples"], inputs.given), path)
         log.info("wrote %s", path)
         return path
-    return save_samples_png(module, dm, path, cfg.num_inputs, cfg.num_samples, cfg.seed)   # vector data: a plot
+    modes = dm.modes(inputs.x) if hasattr(dm, "modes") else None                # vector data: a plot
+    vector_plot(inputs.x.cpu(), payload["samples"], path, modes, inputs.given)
+    log.info("wrote %s", path)
+    return path
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")

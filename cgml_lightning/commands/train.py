@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
-from cgml_lightning.evaluation import evaluate
+from cgml_lightning.evaluation import evaluate, vector_metric_keys
 from cgml_lightning.files import write_json
 from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.models.base import is_count
@@ -33,6 +33,9 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     out = check_output_dir()
     check_training_folder(out, cfg.get("ckpt_path"))
     datamodule = build_datamodule(cfg)
+    keys = vector_metric_keys(datamodule)
+    if keys is not None:                                  # a sweep's metric this data never reports: before training
+        optimized_value(cfg, dict.fromkeys(keys, 0.0))
     module = build_module(cfg, datamodule)
     check_manual_steps(module, cfg.trainer)
     ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")

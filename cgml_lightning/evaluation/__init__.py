@@ -99,6 +99,9 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     with closing(track(loader, description, total=num_batches(loader, num_inputs))) as batches:
         for batch in first_inputs(batches, num_inputs):
             x, y = batch["x"], batch["y"]
+            if tuple(y.shape[1:]) != tuple(module.y_shape):       # distances would broadcast into meaningless numbers
+                raise ValueError(f"{type(datamodule).__name__}: its test targets y are {list(y.shape[1:])} per sample, "
+                                 f"but the model was trained on y {list(module.y_shape)}")
             samples = module.sample(x, num_samples, generator=generator, pool=sample_pool)   # [B, N, ...] on the device
             flat = samples.flatten(0, 1)
             if fid is not None:
@@ -146,6 +149,20 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
             metrics["sample_class_acc"] = correct / (seen * num_samples)
             metrics["classifier_test_acc"] = nets.classifier_test_acc
     return {**metrics, "num_inputs": seen, "num_samples": num_samples, **pool_key(sample_pool)}
+
+
+def vector_metric_keys(datamodule) -> set[str] | None:
+    """The numeric keys evaluate() (and cgml-train, adding epochs) reports for the datamodule's vector data, known
+    before any training; None for images, whose keys depend on the evaluation nets found."""
+    if datamodule.kind == "image":
+        return None
+    if hasattr(datamodule, "modes"):
+        modes = datamodule.modes(datamodule.grid(2))                                 # [2, K, D]
+        keys = mode_metrics(modes[:, :1], modes).keys()
+    else:
+        y = torch.zeros(1, *datamodule.info()["y_shape"])
+        keys = vector_metrics(y[:, None].expand(1, 2, *y.shape[1:]), y).keys()
+    return {*keys, "num_inputs", "num_samples", "epochs"}
 
 
 def pool_key(sample_pool: int | None) -> dict[str, int]:

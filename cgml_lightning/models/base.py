@@ -115,6 +115,7 @@ class ConditionalModule(L.LightningModule):
 
     module_name: str = ""       # the registry key (model=NAME); stored in checkpoints to pick the class on load
     latent_dim: int = 0
+    takes_latent: bool = True           # its generator decodes a latent: model.latent_dim must be at least 1
     guide_error: str | None = UNGUIDED  # why sample(guide=...) is refused ({name}: module_name); None: guidable
     averaged_nets: tuple[str, ...] = ("generator",)     # the nets sampling runs: what ema_decay averages
 
@@ -123,6 +124,12 @@ class ConditionalModule(L.LightningModule):
                  val_num_samples: int = 4, compile: bool = False, channels_last: bool = False,
                  ema_decay: float | None = None):
         super().__init__()
+        if not isinstance(net, Mapping):
+            raise ValueError(f"net must be a mapping of the net's settings, e.g. {{'name': 'mlp', 'width': 128}} "
+                             f"(net= on the command line); got {net!r}")
+        if self.takes_latent and (not is_count(latent_dim) or latent_dim < 1):
+            raise ValueError(f"model.latent_dim must be a whole number, at least 1, for model={self.module_name}; "
+                             f"got {latent_dim!r}")
         # hparams: the arguments of the module's own __init__ (the one calling this), as it received them
         self.save_hyperparameters(frame=inspect.currentframe().f_back)
         self.data_info = dict(data_info)
@@ -435,7 +442,16 @@ class ConditionalModule(L.LightningModule):
                 raise ValueError(f"{key} must be a whole number of steps, 0 or more; got {value!r}")
         if generator is not None and seed is not None:
             raise ValueError("give seed= or generator=, not both: each sets where the samples' randomness starts")
+        params = inspect.signature(self._sample).parameters.values()
+        options = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD and p.name not in
+                   ("x", "num_samples", "steps", "guide", "generator")]
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown and not any(p.kind == p.VAR_KEYWORD for p in params):
+            raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r} (model={self.module_name} "
+                            f"also takes: {', '.join(options) or 'nothing more'})")
         x = x if isinstance(x, Tensor) else torch.as_tensor(x)                       # numpy arrays too
+        if not x.is_floating_point() and self.data_info.get("kind") == "image":
+            raise ValueError(f"x is {x.dtype}: image inputs are floats in [0, 1] (x.float() / 255 for 8-bit pixels)")
         if tuple(x.shape[1:]) != self.x_shape:
             raise ValueError(f"x has shape {list(x.shape)}; this model takes a batch of inputs of shape "
                              f"{list(self.x_shape)}: [B, {', '.join(map(str, self.x_shape))}]")
@@ -450,7 +466,7 @@ class ConditionalModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            x = x.to(self.device, self.dtype if x.is_floating_point() else None)     # numpy's float64 too
+            x = x.to(self.device, self.dtype)                 # float64, and whole numbers as vector inputs
             with torch.no_grad(), self.averaged_weights():
                 out = self._sample(x, drawn, steps, guide, generator, **kwargs)
                 out = self.composite(out.flatten(0, 1), x.repeat_interleave(drawn, 0)).view(out.shape)

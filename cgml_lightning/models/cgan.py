@@ -47,8 +47,6 @@ class CGANModule(ConditionalModule):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last, ema_decay=ema_decay)
         self.automatic_optimization = False                     # D and G(+E_z) step in turn
-        if latent_dim < 1:
-            raise ValueError(f"model.latent_dim must be >= 1 for the cGAN; got {latent_dim}")
         if latent_prior not in ("gaussian", "sphere"):
             raise ValueError(f"model.latent_prior must be gaussian or sphere; got {latent_prior!r}")
         if encoded_branch and latent_prior != "gaussian":

@@ -285,7 +285,7 @@ class CGMLModule(ConditionalModule):
         hbar = self.generator.summarize(feats)
         table = self.hparams.sample_starts == "table"
         if table:
-            neighbours = self.table_neighbours(hbar)                                    # [B, k]
+            neighbours = self.table_neighbours(hbar, max(n, self.hparams.table_neighbours))  # [B, k]: N distinct
             z = self.table_starts(neighbours, n, generator)                             # row b*N + i -> input b
         else:
             z = A.sphere_sample(b * n, dim=self.latent_dim, generator=generator).to(x)
@@ -299,16 +299,17 @@ class CGMLModule(ConditionalModule):
         z = self.walk(z, hbar, rows, steps, chunk_size)
         return self.decode_rows(feats, z, rows, chunk_size).view(b, n, *self.y_shape)
 
-    def table_neighbours(self, hbar: Tensor, chunk_size: int = 256) -> Tensor:
-        """Rows [B, k] of the `table_neighbours` training inputs whose keys (encoder summaries) are nearest each
-        input's; rows not yet written (NaN keys) come last."""
-        k, keys = min(self.hparams.table_neighbours, len(self.latent_keys)), self.latent_keys.to(hbar.dtype)
+    def table_neighbours(self, hbar: Tensor, count: int | None = None, chunk_size: int = 256) -> Tensor:
+        """Rows [B, k] of the `count` (default `table_neighbours`) training inputs whose keys (encoder summaries) are
+        nearest each input's; rows not yet written (NaN keys) come last."""
+        k = min(count or self.hparams.table_neighbours, len(self.latent_keys))
+        keys = self.latent_keys.to(hbar.dtype)
         return torch.cat([torch.cdist(h, keys).nan_to_num(float("inf")).topk(k, largest=False).indices
                           for h in hbar.split(chunk_size)])
 
     def table_starts(self, neighbours: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """N starting latents per input [B*N, d]: the table latents of N of the input's neighbours, distinct when
-        N <= k. The table holds, per training input, a latent that decodes to its own target; inputs alike share
+        N <= k (sampling asks for k >= N neighbours, so only a table of fewer than N rows repeats a latent). The table holds, per training input, a latent that decodes to its own target; inputs alike share
         how the latent space splits into branches, so their latents land on this input's branches, each in its share."""
         b, k = neighbours.shape
         if num_samples <= k:

@@ -22,8 +22,6 @@ class CVAEModule(ConditionalModule):
                  compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         super().__init__(data_info, net, latent_dim, distance, distance_region, optimizer, scheduler, val_num_samples,
                          compile=compile, channels_last=channels_last, ema_decay=ema_decay)
-        if latent_dim < 1:
-            raise ValueError(f"model.latent_dim must be >= 1 for the cVAE; got {latent_dim}")
         cfg = {"width": 64, "depth": 2, **(posterior_net or {})}
         # q(z | x, y): an encoder of y, joined with the generator's summary hbar of x -> (mu, logvar)
         self.target_encoder = build_encoder(self.y_shape, cfg["width"], cfg["width"], cfg["depth"])

@@ -10,6 +10,7 @@ from cgml_lightning.models.base import ConditionalModule
 
 class RegressorModule(ConditionalModule):
     module_name = "regressor"
+    takes_latent = False
     guide_error = "the regressor has no latent to steer: guided sampling needs model=cgml"
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], distance: str = "l1",
