@@ -92,6 +92,12 @@ def device_count(devices: Any, accelerator: str) -> int:
     return int(text) if text.isdigit() else 1
 
 
+def process_count(trainer: DictConfig) -> int:
+    """How many training processes the trainer config starts: devices x nodes."""
+    return (device_count(trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto")))
+            * int(trainer.get("num_nodes") or 1))
+
+
 def check_trainer(trainer: DictConfig) -> None:
     """Refuse, before anything is built, a trainer this machine or the module cannot run: a GPU accelerator where
     torch sees no GPU, a sharded strategy, or a multirun job of several processes under submitit's local launcher
@@ -108,7 +114,7 @@ def check_trainer(trainer: DictConfig) -> None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-    processes = device_count(trainer.get("devices", "auto"), accelerator) * int(trainer.get("num_nodes", 1))
+    processes = process_count(trainer)
     launched = not any(name in strategy for name in ("spawn", "fork", "notebook"))   # by a command line
     if launcher.endswith("LocalLauncher") and "submitit" in launcher and processes > 1 and launched:
         raise ValueError(f"hydra/launcher=submitit_local runs each job as one process, and trainer.devices="
@@ -246,7 +252,7 @@ def resume_path(ckpt_path: str | None, folder: Path) -> str | None:
 def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = None) -> None:
     """Resuming continues the same run: refuse a checkpoint of another model, made on other data, with another
     latent table, net, optimizer or scheduler (Lightning would load the old states over the new ones, or fail on
-    their shapes), or with another schedule length."""
+    their shapes), with another schedule length or number of processes."""
     checkpoint = read_checkpoint(path)
     saved = checkpoint.get("hyper_parameters", {})
     recorded = recorded_module(checkpoint, f"ckpt_path={path}")
@@ -283,6 +289,12 @@ def check_resume(path: str, module: ConditionalModule, cfg: DictConfig | None = 
             raise ValueError(f"ckpt_path={path}: data.{key}={was[key]} in the checkpoint vs {now[key]} now; resume "
                              f"with data.{key}={was[key]} (a resumed run continues the same one), or fine-tune with "
                              f"init_from={path}")
+    processes = process_count(cfg.trainer) if cfg is not None else None
+    if processes is not None and checkpoint.get("world_size", processes) != processes:
+        raise ValueError(f"ckpt_path={path} trained on {checkpoint['world_size']} process(es), this run starts "
+                         f"{processes} (trainer.devices x trainer.num_nodes): each process takes its own batch of "
+                         f"data.batch_size, so the run would go on with another total batch; resume on "
+                         f"{checkpoint['world_size']}, or fine-tune with init_from={path}")
     t_max = (cfg.model.get("scheduler") or {}).get("T_max") if cfg is not None else None
     for state in checkpoint.get("lr_schedulers", []):
         if t_max is not None and "T_max" in state and state["T_max"] != t_max:
@@ -512,10 +524,12 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
     a bad key, a checkpoint of another task) ends with the message alone, on stderr and in the run's log file, and
     exit status 1, instead of Hydra's traceback around it. A multirun's job writes the message to its log file and
     leaves the error to Hydra (its sweepers and launchers handle failed jobs); HYDRA_FULL_ERROR=1 and errors raised
-    outside the package keep Hydra's report."""
+    outside the package keep Hydra's report. Inside it Python warnings (the data checks' "skipping unreadable
+    image ...", Lightning's) are logged, so the run's log file keeps them as well as the console."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
+    logging.captureWarnings(True)                 # DataLoader workers started inside inherit it
     try:
         yield
     except (*USER_ERRORS, InstantiationException, MissingMandatoryValue) as caught:
@@ -537,6 +551,8 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
             raise
         print(f"Error: {err}\n(set HYDRA_FULL_ERROR=1 to see where it was raised)", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        logging.captureWarnings(False)
 
 
 def worker_message(err: BaseException) -> str | None:

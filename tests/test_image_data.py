@@ -647,3 +647,4 @@ def test_cgml_train_colorization_fast_dev_run(tmp_path, rgb_tree):
                         f"hydra.run.dir={out}"], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "metrics.json").is_file()
+    assert "are grey" in (out / "train.log").read_text()                     # the data checks' warnings: logged

@@ -267,6 +267,35 @@ def test_resume_on_other_data_is_refused(trained_ckpt, hydra_job, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_resume_on_another_number_of_processes_is_refused(trained_ckpt, hydra_job, tmp_path):
+    """Each process takes its own batch: a one-process run resumed on two would go on with twice the total batch."""
+    from cgml_lightning.commands.train import run_train
+
+    assert load(trained_ckpt)["world_size"] == 1
+    cfg = hydra_job(tmp_path / "run", *in_process_overrides("seed=7", f"ckpt_path={trained_ckpt}", "trainer=ddp_sim",
+                                                            "trainer.max_epochs=2", "model.ema_decay=0.9"))
+    with pytest.raises(ValueError, match=r"trained on 1 process\(es\), this run starts 2 .*init_from"):
+        run_train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_with_a_resume_path_or_freeze_without_it_is_refused(trained_ckpt, hydra_job, tmp_path):
+    """ckpt_path=FILE with init_from= would resume and drop the fine-tune silently; finetune.freeze without
+    init_from= would freeze random weights. ckpt_path=last with init_from= fine-tunes on a fresh start."""
+    from cgml_lightning.commands.train import run_train
+
+    both = hydra_job(tmp_path / "both", *in_process_overrides(f"ckpt_path={trained_ckpt}", f"init_from={trained_ckpt}"))
+    with pytest.raises(ValueError, match="give ckpt_path= .* or init_from= .*, not both"):
+        run_train(both)
+    frozen = hydra_job(tmp_path / "frozen", *in_process_overrides("finetune.freeze=[generator]"))
+    with pytest.raises(ValueError, match=r"finetune.freeze=\['generator'\] keeps the weights init_from= loads"):
+        run_train(frozen)
+    assert not (tmp_path / "both" / "checkpoints").exists() and not (tmp_path / "frozen" / "checkpoints").exists()
+    run_train(hydra_job(tmp_path / "last", *in_process_overrides("ckpt_path=last", f"init_from={trained_ckpt}",
+                                                                 "trainer.max_epochs=1", "model.scheduler=null")))
+    assert (tmp_path / "last" / "checkpoints" / "last.ckpt").is_file()
+
+
 # ---- 4. DDP on CPU: latent rows from every rank reach the checkpoint ------------------------------------------
 def test_ddp_sim_saves_latents_from_every_rank(workdir, tmp_path):
     rng = np.random.default_rng(0)

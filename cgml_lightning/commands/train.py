@@ -27,6 +27,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     check_trainer(cfg.trainer)
     if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
+    if cfg.get("init_from") and cfg.get("ckpt_path") not in (None, "last"):
+        raise ValueError(f"give ckpt_path= (resume that run) or init_from= (fine-tune from its weights), not both; "
+                         f"got ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from}. ckpt_path=last with init_from= "
+                         f"fine-tunes on a fresh start and resumes that fine-tune after a re-queue")
     if not is_count(cfg.seed) or cfg.seed < 0:                  # the per-draw degradations seed numpy with it
         raise ValueError(f"seed must be a whole number, 0 or more; got {cfg.seed!r}")
     L.seed_everything(cfg.seed, workers=True)
@@ -39,12 +43,18 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule)
     check_manual_steps(module, cfg.trainer)
     ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
+    freeze = list((cfg.get("finetune") or {}).get("freeze") or [])
     if ckpt_path:
         check_resume(ckpt_path, module, cfg)
+        if cfg.get("init_from"):
+            log.info("resuming %s: init_from=%s applied at the run's fresh start", ckpt_path, cfg.init_from)
     elif cfg.get("init_from"):
         module.init_weights_from(cfg.init_from)
         log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
-    module.freeze_prefixes(list((cfg.get("finetune") or {}).get("freeze") or []))   # on resume too
+    elif freeze:
+        raise ValueError(f"finetune.freeze={freeze} keeps the weights init_from= loads; without init_from= it would "
+                         f"freeze randomly initialised ones")
+    module.freeze_prefixes(freeze)                                                  # on resume too
     loggers = build_loggers(cfg, resumed=bool(ckpt_path))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not loggers:                                              # it logs to loggers and refuses to run without

@@ -261,9 +261,12 @@ class ConditionalModule(L.LightningModule):
         hyper_parameters). Nothing to check by default."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the module's name; bring the EMA up to date when saving inside a training batch; refuse to write a
-        state with NaN/Inf in it, so no checkpoint on disk (last.ckpt included) is ever replaced by a non-finite one."""
+        """Record the module's name and the number of processes; bring the EMA up to date when saving inside a
+        training batch; refuse to write a state with NaN/Inf in it, so no checkpoint on disk (last.ckpt included) is
+        ever replaced by a non-finite one."""
         checkpoint["cgml_module"] = self.module_name
+        if self._trainer is not None:                # each process takes its own batch: part of what a run is
+            checkpoint["world_size"] = self.trainer.world_size
         if self.ema is not None and self._trainer is not None and self.trainer.training:
             self.update_average()            # saved inside a batch: the average of that batch's weights too
             checkpoint["state_dict"].update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -326,7 +329,7 @@ class ConditionalModule(L.LightningModule):
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in keys if k in state and state[k].shape != own[k].shape]
         if missing or wrong:
-            raise ValueError(f"init_from={path} does not fit this model (set model.net, model.latent_dim and the "
+            raise ValueError(f"init_from={path} does not fit this model (set net=, model.latent_dim and the "
                              f"data's size and channels as it was trained):\n  "
                              + "\n  ".join([f"{k}: missing in checkpoint" for k in missing[:20]] + wrong[:20]))
         self.load_state_dict({k: state[k] for k in keys}, strict=False)

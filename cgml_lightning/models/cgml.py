@@ -309,8 +309,9 @@ class CGMLModule(ConditionalModule):
 
     def table_starts(self, neighbours: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """N starting latents per input [B*N, d]: the table latents of N of the input's neighbours, distinct when
-        N <= k (sampling asks for k >= N neighbours, so only a table of fewer than N rows repeats a latent). The table holds, per training input, a latent that decodes to its own target; inputs alike share
-        how the latent space splits into branches, so their latents land on this input's branches, each in its share."""
+        N <= k (sampling asks for k >= N neighbours, so only a table of fewer than N rows repeats a latent). The
+        table holds, per training input, a latent that decodes to its own target; inputs alike share how the latent
+        space splits into branches, so their latents land on this input's branches, each in its share."""
         b, k = neighbours.shape
         if num_samples <= k:
             pick = torch.rand(b, k, generator=generator).argsort(dim=1)[:, :num_samples]
