@@ -96,7 +96,7 @@ def vector_plot(x: Tensor, samples: Tensor, path: str | Path, modes: Tensor | No
     truth = None if truth is None else truth[order].flatten(1)[:, :MAX_PANELS]
     more = f" (the first {MAX_PANELS} of {samples.shape[-1]})" if samples.shape[-1] > MAX_PANELS else ""
     toy_plot(x[order].flatten(1)[:, :1], samples[..., :MAX_PANELS], modes, path,
-             f"samples (red) against x[0], per y dimension{more}", truth)
+             f"samples (red), truth (black x) against x[0], per y dimension{more}", truth)
     return Path(path)
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,14 @@ SHARDED_STRATEGIES = ("fsdp", "deepspeed")      # they split parameters across r
 
 def device_count(devices: Any, accelerator: str) -> int:
     """How many devices Lightning's `devices` asks for: a count, a list or "0,1" of ids, or -1 / "auto" (every GPU;
-    one CPU process)."""
+    one process where torch sees none: the CPU, or Apple's MPS)."""
     if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
         return len(devices)
     text = str(devices).strip()
     if "," in text:
         return len([part for part in text.split(",") if part.strip()])
     if text in ("-1", "auto"):
-        return torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 1
+        return max(1, torch.cuda.device_count()) if accelerator in ("gpu", "cuda", "auto") else 1
     return int(text) if text.isdigit() else 1
 
 
@@ -529,7 +530,8 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
-    logging.captureWarnings(True)                 # DataLoader workers started inside inherit it
+    showing = warnings.showwarning
+    logging.captureWarnings(True)                 # forked DataLoader workers inherit it (spawned ones print them)
     try:
         yield
     except (*USER_ERRORS, InstantiationException, MissingMandatoryValue) as caught:
@@ -552,7 +554,8 @@ def user_errors(multirun: bool | None = None) -> Iterator[None]:
         print(f"Error: {err}\n(set HYDRA_FULL_ERROR=1 to see where it was raised)", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        logging.captureWarnings(False)
+        if warnings.showwarning is not showing:   # captured here: as it was before (a caller's capture stays)
+            logging.captureWarnings(False)
 
 
 def worker_message(err: BaseException) -> str | None:
@@ -605,10 +608,10 @@ def task(loggers: list) -> Iterator[None]:
             wandb.finish(exit_code=0 if status == "success" else 1)     # a failed run shows as failed
 
 
-def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any], grid_warns: bool = True) -> float | None:
     """The metric a sweeper optimizes (cfg.optimized_metric) in a multirun; a missing or non-numeric one fails the
     job under a sweeper that optimizes (Optuna), naming the keys there are, and is a warning in a grid (Hydra's
-    basic sweeper consumes nothing). A single run returns None (nothing consumes it)."""
+    basic sweeper consumes nothing; grid_warns=False: silent). A single run returns None (nothing consumes it)."""
     key, hydra_cfg = cfg.get("optimized_metric"), HydraConfig.get()
     if not key or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
@@ -618,6 +621,8 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
         message = (f"optimized_metric={key}: this run's metrics have no number under that key; the metrics are "
                    f"{numeric}. Set optimized_metric= (and optimized_direction=) to one of them.")
         if str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            if not grid_warns:
+                return None
             log.warning("%s (a grid uses no optimized value; its results are in metrics.json)", message)
             return None
         raise ValueError(message)

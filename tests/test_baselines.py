@@ -211,6 +211,8 @@ def test_bad_options_rejected(toy_dm):
             module(info, net, latent_dim=dim)
     with pytest.raises(ValueError, match="sampler"):
         FlowModule(info, net, sampler="rk4")
+    with pytest.raises(ValueError, match="model.time_dim must be even"):
+        FlowModule(info, net, time_dim=4.0)
     with pytest.raises(ValueError, match="net must be a mapping of the net's settings.*got 'mlp'"):
         CGMLModule(info, "mlp")
 

@@ -388,9 +388,11 @@ def test_sample_refuses_what_is_no_count_and_takes_numpy(fitted, toy_dm):
             module.sample(x, **{"num_samples": 2, **kwargs})
     with pytest.raises(ValueError, match="give seed= or generator=, not both"):
         module.sample(x, 2, seed=0, generator=torch.Generator())
-    with pytest.raises(TypeError, match="unexpected keyword argument 'guide_step' .*takes: chunk_size, guide_steps"):
+    with pytest.raises(ValueError, match="unexpected keyword argument 'guide_step' .*takes: chunk_size, guide_steps"):
         module.sample(x, 2, guide_step=3)
     torch.testing.assert_close(module.sample(x.double().numpy(), 2, seed=1), module.sample(x, 2, seed=1))
+    with pytest.raises(ValueError, match=r"x holds NaN or Inf in 1 input\(s\), rows \[1\]"):
+        module.sample(torch.tensor([[0.5], [float("nan")], [0.1]]), 2)
     whole = torch.tensor([[-1], [0], [2]])                              # whole-number vector inputs are values
     torch.testing.assert_close(module.sample(whole, 2, seed=1), module.sample(whole.float(), 2, seed=1))
 

@@ -199,9 +199,18 @@ def test_evaluate_refuses_data_of_another_y_shape(tmp_path):
     assert evaluate(module, trained, num_samples=2, num_inputs=4)["num_inputs"] == 4
 
 
-@pytest.mark.parametrize("key,value", [("batch_size", 0), ("eval_batch_size", -2), ("num_workers", -1),
-                                       ("batch_size", 8.5)])
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("eval_batch_size", -2), ("eval_batch_size", 0),
+                                       ("num_workers", -1), ("batch_size", 8.5)])
 def test_loader_settings_are_checked_at_construction(tmp_path, key, value):
     """A batch size or worker count no DataLoader takes names its data.KEY before any data is read."""
     with pytest.raises(ValueError, match=f"data.{key} must be a whole number.*got {value}"):
         NpzDataModule(path=str(tmp_path / "never_read.npz"), **{key: value})
+
+
+def test_a_unet_on_vector_data_names_the_net_to_use(tmp_path):
+    from cgml_lightning import CGMLModule
+
+    dm = NpzDataModule(path=write(tmp_path, **good_arrays()))
+    dm.setup()
+    with pytest.raises(ValueError, match=r"U-Net needs x and y as \[C, H, W\].*use net=mlp \(experiment=toy"):
+        CGMLModule(dm.info(), {"name": "unet"})

@@ -8,6 +8,7 @@ the toy (512 samples, 4 batches an epoch) or a 301-row .npz file, so every run t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shlex
@@ -238,14 +239,17 @@ def test_finetune_freezes_and_sizes_the_table(trained_ckpt, finetune_run):
     assert moved, "the decoder did not train"
 
 
-def test_resuming_a_finetune_keeps_the_freeze(trained_ckpt, finetune_run, hydra_job, tmp_path):
-    """Resuming a fine-tuning run with the same command plus ckpt_path must not unfreeze the frozen layers."""
+def test_resuming_a_finetune_keeps_the_freeze(trained_ckpt, finetune_run, hydra_job, tmp_path, caplog):
+    """Resuming a fine-tuning run with the same command plus ckpt_path must not unfreeze the frozen layers; init_from
+    is then not applied, and a warning says so."""
     from cgml_lightning.commands.train import run_train
 
     start = finetune_run / "checkpoints" / "epoch_000.ckpt"
     cfg = hydra_job(tmp_path / "resumed", *in_process_overrides(*FINETUNE, f"init_from={trained_ckpt}",
                                                                 f"ckpt_path={start}"))
-    run_train(cfg)
+    with caplog.at_level(logging.WARNING, logger="cgml_lightning"):
+        run_train(cfg)
+    assert f"resuming {start}: init_from={trained_ckpt} is not applied" in caplog.text
     state = load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]
     at_start, init = load(start)["state_dict"], copied_by_init_from(load(trained_ckpt)["state_dict"])
     assert [k for k in state if k.startswith("generator.decoder") and not torch.equal(state[k], at_start[k])], \
@@ -268,8 +272,15 @@ def test_resume_on_other_data_is_refused(trained_ckpt, hydra_job, tmp_path):
 
 
 def test_resume_on_another_number_of_processes_is_refused(trained_ckpt, hydra_job, tmp_path):
-    """Each process takes its own batch: a one-process run resumed on two would go on with twice the total batch."""
+    """Each process takes its own batch: a one-process run resumed on two would go on with twice the total batch.
+    devices=auto (Lightning's default) is one process where torch sees no GPU, as Lightning counts it."""
     from cgml_lightning.commands.train import run_train
+    from cgml_lightning.runs import process_count
+
+    gpus = torch.cuda.device_count()
+    assert process_count(OmegaConf.create({})) == process_count(OmegaConf.create({"devices": "auto"})) == max(1, gpus)
+    assert process_count(OmegaConf.create({"devices": "0,1", "num_nodes": 2, "accelerator": "gpu"})) == 4
+    assert process_count(OmegaConf.create({"devices": 2, "accelerator": "cpu"})) == 2
 
     assert load(trained_ckpt)["world_size"] == 1
     cfg = hydra_job(tmp_path / "run", *in_process_overrides("seed=7", f"ckpt_path={trained_ckpt}", "trainer=ddp_sim",
@@ -279,21 +290,19 @@ def test_resume_on_another_number_of_processes_is_refused(trained_ckpt, hydra_jo
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_init_from_with_a_resume_path_or_freeze_without_it_is_refused(trained_ckpt, hydra_job, tmp_path):
-    """ckpt_path=FILE with init_from= would resume and drop the fine-tune silently; finetune.freeze without
-    init_from= would freeze random weights. ckpt_path=last with init_from= fine-tunes on a fresh start."""
+def test_freeze_without_init_from_is_refused(trained_ckpt, hydra_job, tmp_path, caplog):
+    """finetune.freeze without init_from= (or a resume) would freeze random weights; ckpt_path=last with init_from=
+    fine-tunes on a fresh start (nothing to resume yet)."""
     from cgml_lightning.commands.train import run_train
 
-    both = hydra_job(tmp_path / "both", *in_process_overrides(f"ckpt_path={trained_ckpt}", f"init_from={trained_ckpt}"))
-    with pytest.raises(ValueError, match="give ckpt_path= .* or init_from= .*, not both"):
-        run_train(both)
     frozen = hydra_job(tmp_path / "frozen", *in_process_overrides("finetune.freeze=[generator]"))
     with pytest.raises(ValueError, match=r"finetune.freeze=\['generator'\] keeps the weights init_from= loads"):
         run_train(frozen)
-    assert not (tmp_path / "both" / "checkpoints").exists() and not (tmp_path / "frozen" / "checkpoints").exists()
-    run_train(hydra_job(tmp_path / "last", *in_process_overrides("ckpt_path=last", f"init_from={trained_ckpt}",
-                                                                 "trainer.max_epochs=1", "model.scheduler=null")))
-    assert (tmp_path / "last" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "frozen" / "checkpoints").exists()
+    with caplog.at_level(logging.INFO, logger="cgml_lightning"):
+        run_train(hydra_job(tmp_path / "last", *in_process_overrides("ckpt_path=last", f"init_from={trained_ckpt}",
+                                                                     "trainer.max_epochs=1", "model.scheduler=null")))
+    assert f"initialised weights from {trained_ckpt}" in caplog.text
 
 
 # ---- 4. DDP on CPU: latent rows from every rank reach the checkpoint ------------------------------------------

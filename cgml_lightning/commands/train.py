@@ -27,33 +27,30 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     check_trainer(cfg.trainer)
     if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
-    if cfg.get("init_from") and cfg.get("ckpt_path") not in (None, "last"):
-        raise ValueError(f"give ckpt_path= (resume that run) or init_from= (fine-tune from its weights), not both; "
-                         f"got ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from}. ckpt_path=last with init_from= "
-                         f"fine-tunes on a fresh start and resumes that fine-tune after a re-queue")
     if not is_count(cfg.seed) or cfg.seed < 0:                  # the per-draw degradations seed numpy with it
         raise ValueError(f"seed must be a whole number, 0 or more; got {cfg.seed!r}")
     L.seed_everything(cfg.seed, workers=True)
     out = check_output_dir()
     check_training_folder(out, cfg.get("ckpt_path"))
+    ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
+    freeze = list((cfg.get("finetune") or {}).get("freeze") or [])
+    if freeze and not (ckpt_path or cfg.get("init_from")):
+        raise ValueError(f"finetune.freeze={freeze} keeps the weights init_from= loads; without init_from= it would "
+                         f"freeze randomly initialised ones")
     datamodule = build_datamodule(cfg)
     keys = vector_metric_keys(datamodule)
     if keys is not None:                                  # a sweep's metric this data never reports: before training
-        optimized_value(cfg, dict.fromkeys(keys, 0.0))
+        optimized_value(cfg, dict.fromkeys(keys, 0.0), grid_warns=False)
     module = build_module(cfg, datamodule)
     check_manual_steps(module, cfg.trainer)
-    ckpt_path = resume_path(cfg.get("ckpt_path"), out / "checkpoints")
-    freeze = list((cfg.get("finetune") or {}).get("freeze") or [])
     if ckpt_path:
         check_resume(ckpt_path, module, cfg)
         if cfg.get("init_from"):
-            log.info("resuming %s: init_from=%s applied at the run's fresh start", ckpt_path, cfg.init_from)
+            log.warning("resuming %s: init_from=%s is not applied (it starts a fine-tune; a resume goes on from the "
+                        "checkpoint's own weights)", ckpt_path, cfg.init_from)
     elif cfg.get("init_from"):
         module.init_weights_from(cfg.init_from)
         log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
-    elif freeze:
-        raise ValueError(f"finetune.freeze={freeze} keeps the weights init_from= loads; without init_from= it would "
-                         f"freeze randomly initialised ones")
     module.freeze_prefixes(freeze)                                                  # on resume too
     loggers = build_loggers(cfg, resumed=bool(ckpt_path))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
@@ -80,7 +77,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
 def sample_caption(datamodule, num_samples: int) -> str:
     if datamodule.kind == "image":
         return f"one row per test input: input | {num_samples} samples | truth"
-    return "samples (red) against x, true modes (black) where known"
+    return "samples (red) against x, true modes (black lines) or the test targets (black x)"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

@@ -99,9 +99,10 @@ def evaluate(module, datamodule, num_samples: int = 10, num_inputs: int = 200, s
     with closing(track(loader, description, total=num_batches(loader, num_inputs))) as batches:
         for batch in first_inputs(batches, num_inputs):
             x, y = batch["x"], batch["y"]
-            if tuple(y.shape[1:]) != tuple(module.y_shape):       # distances would broadcast into meaningless numbers
+            trained = getattr(module, "y_shape", None)           # other shapes: distances would broadcast
+            if trained is not None and tuple(y.shape[1:]) != tuple(trained):
                 raise ValueError(f"{type(datamodule).__name__}: its test targets y are {list(y.shape[1:])} per sample, "
-                                 f"but the model was trained on y {list(module.y_shape)}")
+                                 f"but the model was trained on y {list(trained)}")
             samples = module.sample(x, num_samples, generator=generator, pool=sample_pool)   # [B, N, ...] on the device
             flat = samples.flatten(0, 1)
             if fid is not None:

@@ -445,25 +445,28 @@ class ConditionalModule(L.LightningModule):
                 raise ValueError(f"{key} must be a whole number of steps, 0 or more; got {value!r}")
         if generator is not None and seed is not None:
             raise ValueError("give seed= or generator=, not both: each sets where the samples' randomness starts")
+        if guide is not None and self.guide_error:
+            raise ValueError(self.guide_error.format(name=self.module_name))
         params = inspect.signature(self._sample).parameters.values()
-        options = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD and p.name not in
+        options = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in
                    ("x", "num_samples", "steps", "guide", "generator")]
         unknown = sorted(set(kwargs) - set(options))
         if unknown and not any(p.kind == p.VAR_KEYWORD for p in params):
-            raise TypeError(f"sample() got an unexpected keyword argument {unknown[0]!r} (model={self.module_name} "
-                            f"also takes: {', '.join(options) or 'nothing more'})")
+            raise ValueError(f"sample() got an unexpected keyword argument {unknown[0]!r} (model={self.module_name} "
+                             f"also takes: {', '.join(options) or 'nothing more'})")
         x = x if isinstance(x, Tensor) else torch.as_tensor(x)                       # numpy arrays too
         if not x.is_floating_point() and self.data_info.get("kind") == "image":
             raise ValueError(f"x is {x.dtype}: image inputs are floats in [0, 1] (x.float() / 255 for 8-bit pixels)")
         if tuple(x.shape[1:]) != self.x_shape:
             raise ValueError(f"x has shape {list(x.shape)}; this model takes a batch of inputs of shape "
                              f"{list(self.x_shape)}: [B, {', '.join(map(str, self.x_shape))}]")
+        if x.is_floating_point() and not (finite := torch.isfinite(x.flatten(1)).all(dim=1)).all():
+            rows = (~finite).nonzero().flatten().tolist()
+            raise ValueError(f"x holds NaN or Inf in {len(rows)} input(s), rows {rows[:5]}: their samples would be too")
         drawn = num_samples if pool is None else pool
         if drawn < num_samples:
             raise ValueError(f"pool={pool} (sample_pool in cgml-eval and cgml-sample) must be at least "
                              f"num_samples={num_samples}")
-        if guide is not None and self.guide_error:
-            raise ValueError(self.guide_error.format(name=self.module_name))
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         was_training = self.training

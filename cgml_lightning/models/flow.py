@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cgml_lightning import nets
-from cgml_lightning.models.base import ConditionalModule, in_chunks, sample_rows
+from cgml_lightning.models.base import ConditionalModule, in_chunks, is_count, sample_rows
 
 
 def time_embedding(t: Tensor, dim: int, max_freq: float = 1000.0) -> Tensor:
@@ -28,6 +28,7 @@ def time_embedding(t: Tensor, dim: int, max_freq: float = 1000.0) -> Tensor:
 
 class FlowModule(ConditionalModule):
     module_name = "flow"
+    takes_latent = False                # its noise is shaped like y; time_dim is checked here
 
     def __init__(self, data_info: dict[str, Any], net: dict[str, Any], time_dim: int = 16, sample_steps: int = 20,
                  sampler: str = "euler", distance: str = "l2", distance_region: str = "auto",
@@ -36,7 +37,7 @@ class FlowModule(ConditionalModule):
                  compile: bool = False, channels_last: bool = False, ema_decay: float | None = None):
         """latent_dim is ignored (the flow's noise is shaped like y); it is accepted so experiment configs that set
         model.latent_dim for the latent-variable models compose with model=flow."""
-        if time_dim < 2 or time_dim % 2:
+        if not is_count(time_dim) or time_dim < 2 or time_dim % 2:
             raise ValueError(f"model.time_dim must be even and >= 2; got {time_dim}")
         if sampler not in ("euler", "heun"):
             raise ValueError(f"model.sampler must be euler or heun; got {sampler!r}")

@@ -31,6 +31,6 @@ class RegressorModule(ConditionalModule):
         self.log("train/w_loss", loss.detach(), prog_bar=True, batch_size=len(x))
         return loss
 
-    def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, **kwargs) -> Tensor:
-        out = self(x)
+    def _sample(self, x: Tensor, num_samples: int, steps, guide, generator, chunk_size: int = 8192) -> Tensor:
+        out = self(x)                                 # one output per input: chunk_size is taken, as by the others
         return out[:, None].expand(len(x), num_samples, *out.shape[1:])

@@ -53,7 +53,8 @@ class UNetGenerator(nn.Module):
                  upsample: str = "transposed"):
         super().__init__()
         if len(x_shape) != 3 or len(y_shape) != 3:
-            raise ValueError(f"the U-Net needs x and y as [C, H, W]; got x {tuple(x_shape)}, y {tuple(y_shape)}")
+            raise ValueError(f"the U-Net needs x and y as [C, H, W]; got x {tuple(x_shape)}, y {tuple(y_shape)}: for "
+                             f"vector data use net=mlp (experiment=toy sets it, with the vector z-phase)")
         if tuple(x_shape[1:]) != tuple(y_shape[1:]):
             raise ValueError(f"the U-Net needs x and y of one size; got x {tuple(x_shape)}, y {tuple(y_shape)}")
         self.y_shape, self.latent_dim = tuple(y_shape), latent_dim
