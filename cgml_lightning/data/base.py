@@ -144,12 +144,13 @@ class SplitDataModule(L.LightningDataModule):
         from cgml_lightning.models.base import is_count        # models import data: imported here
 
         super().__init__()
-        for key, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size, 1),
+        eval_size = batch_size if eval_batch_size is None else eval_batch_size
+        for key, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_size, 1),
                                   ("num_workers", num_workers, 0)):
             if not is_count(value) or value < least:
                 raise ValueError(f"data.{key} must be a whole number, at least {least}; got {value!r}")
         self.batch_size = batch_size
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.eval_batch_size = eval_size
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.num_workers, self.max_train_samples = num_workers, max_train_samples
         self.splits: dict[str, Dataset] | None = None
