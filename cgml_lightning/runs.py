@@ -218,9 +218,14 @@ def build_datamodule(cfg: DictConfig):
     return dm
 
 
-def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
-    if "_target_" not in cfg.model:                  # model=_shared: the keys each model's file starts from
+def check_model_config(model_cfg: DictConfig) -> None:
+    """Refuse a model config that builds no module (model=_shared: the keys each model's file starts from)."""
+    if "_target_" not in model_cfg:
         raise ValueError(f"model= must name a model, one of {', '.join(MODULES)}; the chosen model config builds none")
+
+
+def build_module(cfg: DictConfig, datamodule) -> ConditionalModule:
+    check_model_config(cfg.model)
     info = {**datamodule.info(), "data": recorded_data(cfg.data)}
     return instantiate(cfg.model, data_info=info, net=plain(cfg.net), _recursive_=False, _convert_="all")
 
@@ -424,21 +429,35 @@ def experiment_overrides(hydra_cfg: DictConfig) -> str:
     return spec.item_sep.join(lines).replace("=", spec.kv_sep)
 
 
-def build_loggers(cfg: DictConfig, about: str | None = None, resumed: bool = False) -> list:
+def run_group(cfg: DictConfig) -> str:
+    """The W&B group of a run: the group a W&B logger's config names, else `<task>` or, in a multirun,
+    `<task>_<sweep id>`, so that each sweep is one group."""
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if logger_cfg and logger_cfg.get("_target_") == WANDB_TARGET and logger_cfg.get("group"):
+            return str(logger_cfg.group)
+    return "_".join(p for p in (cfg.task_name, sweep_id()) if p)
+
+
+def training_run_info(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint records of the cgml-train run that wrote it (ConditionalModule.run_info)."""
+    return {"task_name": str(cfg.task_name), "seed": int(cfg.seed), "group": run_group(cfg)}
+
+
+def build_loggers(cfg: DictConfig, about: str | None = None, resumed: bool = False, group: str | None = None) -> list:
     """The run's loggers. A W&B run left unnamed gets `<task>_<about>_<overrides>` (logger keys excluded; about:
-    cgml-eval's checkpoint run), the group `<task>` or, in a multirun, `<task>_<sweep id>` so that each sweep is
-    one group, job_type = the command, and the top-level `tags`. A resumed training run (resumed) goes on in the
-    W&B run its folder last logged to, unless logger.wandb.id names one."""
+    cgml-eval's checkpoint run), the group `group` (cgml-eval: its checkpoint's training run's) or run_group's,
+    job_type = the command, and the top-level `tags`. A resumed training run (resumed) goes on in the W&B run its
+    folder last logged to, unless logger.wandb.id names one."""
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if not logger_cfg:
             continue
         if logger_cfg.get("_target_") == WANDB_TARGET:
-            hydra_cfg, sweep = HydraConfig.get(), sweep_id()
+            hydra_cfg = HydraConfig.get()
             overrides = experiment_overrides(hydra_cfg)
             with open_dict(logger_cfg):
                 logger_cfg.name = logger_cfg.get("name") or "_".join(p for p in (cfg.task_name, about, overrides) if p)
-                logger_cfg.group = logger_cfg.get("group") or "_".join(p for p in (cfg.task_name, sweep) if p)
+                logger_cfg.group = logger_cfg.get("group") or group or run_group(cfg)
                 logger_cfg.job_type = logger_cfg.get("job_type") or hydra_cfg.job.name
                 logger_cfg.tags = [*tag_list(logger_cfg.get("tags")), *tag_list(cfg.get("tags"))]
                 previous = previous_wandb_id(logger_cfg.get("save_dir")) if resumed else None

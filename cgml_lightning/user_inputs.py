@@ -98,11 +98,47 @@ def fit_size(img: Image.Image, path: Path, size: tuple[int, int], crop: bool, ke
         log.info("%s: resized and centre-cropped %s from %dx%d to %dx%d", key, path, img.size[0], img.size[1], w, h)
         return ImageOps.fit(img, (w, h), method=resample)
     if not fits:
-        raise ImageDataError(f"{key}: {path} is {img.size[0]}x{img.size[1]} (W x H) but the model takes {w}x{h}: "
-                             f"the aspect ratio differs, so it cannot be resized without distortion. Crop it to "
-                             f"{w}:{h} first, or pass crop=true to resize its shorter side and centre-crop")
+        raise AspectRatioError(f"{key}: {path} is {img.size[0]}x{img.size[1]} (W x H) but the model takes {w}x{h}: "
+                               f"the aspect ratio differs, so it cannot be resized without distortion. Crop it to "
+                               f"{w}:{h} first, or pass crop=true to resize its shorter side and centre-crop",
+                               f"{path} ({img.size[0]}x{img.size[1]})")
     log.info("%s: resized %s from %dx%d to %dx%d", key, path, img.size[0], img.size[1], w, h)
     return img.resize((w, h), resample)
+
+
+class AspectRatioError(ImageDataError):
+    """A user's image of another aspect ratio than the model's; `file` names it with its size, for a list."""
+
+    def __init__(self, message: str, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class FitToModel:
+    """fit_size as a tensor for each of `count` files, recording instead of raising an image of another aspect ratio;
+    check() then raises one error naming every such file (the file's own error when there is one file)."""
+
+    def __init__(self, count: int, size: tuple[int, int], crop: bool, key: str) -> None:
+        self.count, self.size, self.crop, self.key = count, size, crop, key
+        self.wrong: list[AspectRatioError] = []
+
+    def __call__(self, img: Image.Image, path: Path) -> Tensor | None:
+        try:
+            return to_tensor(fit_size(img, path, self.size, self.crop, self.key))
+        except AspectRatioError as err:
+            self.wrong.append(err)
+            return None
+
+    def check(self) -> None:
+        if len(self.wrong) == 1 and self.count == 1:
+            raise self.wrong[0]
+        if self.wrong:
+            (h, w), more = self.size, len(self.wrong) - 10
+            named = ", ".join(err.file for err in self.wrong[:10]) + (f" and {more} more" if more > 0 else "")
+            raise AspectRatioError(f"{self.key}: {len(self.wrong)} of {self.count} images are not {w}:{h} like the "
+                                   f"model's {w}x{h} (W x H), so they cannot be resized without distortion: {named}. "
+                                   f"Crop them to {w}:{h} first, or pass crop=true to resize each one's shorter side "
+                                   f"and centre-crop", named)
 
 
 class UnreadableImageError(ImageDataError):
@@ -160,10 +196,9 @@ def readable_images(files: list[Path], count: int, key: str = "input") -> list[P
 def load_images(files: list[Path], channels: int, size: tuple[int, int], crop: bool = False,
                 key: str = "input") -> Tensor:
     """Images [N, channels, H, W] in [0, 1], each converted to grey (1) or RGB (3) and fitted to the model's size."""
-    images = []
-    for path in files:
-        img = open_checked(path, key, "L" if channels == 1 else "RGB")
-        images.append(to_tensor(fit_size(img, path, size, crop, key)))
+    fit = FitToModel(len(files), size, crop, key)
+    images = [fit(open_checked(path, key, "L" if channels == 1 else "RGB"), path) for path in files]
+    fit.check()
     return torch.stack(images)
 
 
@@ -192,18 +227,20 @@ def load_pair_inputs(files: list[Path], channels: int, size: tuple[int, int], di
     width: split in half, the input side per direction, the other half the truth); other files are inputs as
     they are (no truth). A mix of the two is an error naming the first file of the other kind."""
     h, w = size
+    fit = FitToModel(len(files), size, crop, key)
     inputs, truths, pairs, single = [], [], [], []
     for path in files:
         img = open_checked(path, key, "L" if channels == 1 else "RGB")
         if abs(img.size[0] / img.size[1] - 2 * w / h) <= ASPECT_TOLERANCE * 2 * w / h:
             a, b = split_pair(img, f"{key}: {path}")
             given, truth = (a, b) if direction == "AtoB" else (b, a)
-            inputs.append(to_tensor(fit_size(given, path, size, crop, key)))
-            truths.append(to_tensor(fit_size(truth, path, size, crop, key)))
+            inputs.append(fit(given, path))
+            truths.append(fit(truth, path))
             pairs.append(path)
         else:
-            inputs.append(to_tensor(fit_size(img, path, size, crop, key)))
+            inputs.append(fit(img, path))
             single.append(path)
+    fit.check()
     if pairs and single:
         raise ImageDataError(f"{key}: {pairs[0]} is an A|B image (twice as wide as the model's {w}x{h}) but "
                              f"{single[0]} is a single image; give one kind")

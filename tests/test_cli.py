@@ -124,6 +124,15 @@ def test_the_shared_model_keys_are_not_a_model(compose_train, toy_dm):
         build_module(compose_train("experiment=toy", "model=_shared"), toy_dm)
 
 
+def test_the_shared_model_keys_are_refused_before_the_data_is_read(compose_train, tmp_path):
+    """cgml-train refuses model=_shared before it reads any data (a missing folder would otherwise speak first)."""
+    from cgml_lightning.commands.train import run_train
+
+    cfg = compose_train("data=image_folder", f"data.root={tmp_path / 'missing'}", "model=_shared")
+    with pytest.raises(ValueError, match="model= must name a model"):
+        run_train(cfg)
+
+
 @pytest.mark.parametrize("model", group_options("model"))
 def test_z_phase_presets_by_data_kind(compose_train, model, digits_dm, toy_dm):
     """cGML takes its z-phase and sampler settings from its z_phase preset, by data kind (images: three short

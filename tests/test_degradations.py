@@ -85,6 +85,16 @@ def test_downsample_keeps_size(rgb, scale, mode):
     assert downsample(rgb[None].expand(2, -1, -1, -1), scale, mode).shape == (2, 3, 32, 24)
 
 
+def test_downsample_warns_where_the_scale_does_not_divide_the_size(rgb):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"data.scale=3 does not divide the image size 32x24: .* 10x8, a factor of 3"):
+        downsample(rgb, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        downsample(rgb, 4)
+
+
 @pytest.mark.parametrize("task,kwargs,channels", [
     ("completion", {"mask": "half"}, 4), ("completion", {"mask": "box"}, 4), ("completion", {"mask": "rects"}, 4),
     ("completion", {"mask": "strokes"}, 4), ("completion", {"mask": "mixed"}, 4), ("denoise", {"noise_sigma": 0.3}, 3), ("superres", {"scale": 2}, 3),

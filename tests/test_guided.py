@@ -63,3 +63,13 @@ def test_guide_without_z_steps_only_meets_the_constraint(toy_model):
     raw = model.sample(x, 20, seed=0, guide=guide, steps=0)
     assert (raw[..., 0] > 0).float().mean() >= 0.9
     assert plus_mode_share(settled, modes) > plus_mode_share(raw, modes) + 0.1
+
+
+def test_a_guide_may_return_one_penalty_per_input_or_per_sample(toy_model):
+    """The penalty is summed whatever its shape: per input [B] and per sample [B, N] steer as their total does."""
+    model, dm = toy_model
+    x = dm.grid(10)
+    per_sample = lambda s: torch.relu(-s[..., 0])                               # noqa: E731  [B, N]
+    total = model.sample(x, 4, seed=0, guide=lambda s: per_sample(s).sum())
+    for guide in (per_sample, lambda s: per_sample(s).sum(dim=1)):
+        assert torch.equal(model.sample(x, 4, seed=0, guide=guide), total)

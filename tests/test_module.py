@@ -259,6 +259,21 @@ def test_checkpoints_from_before_rho_output_sample_as_they_were_trained(fitted, 
     CGMLModule(toy_dm.info(), MLP_NET, **SMALL).init_weights_from(str(tmp_path / "old.ckpt"))
 
 
+def test_a_checkpoint_keeps_its_training_runs_record_as_plain_values(fitted, tmp_path):
+    """run_info (cgml-train's task, seed and W&B group) is saved and loaded back; a record holding anything but
+    words and numbers loads without those entries."""
+    module, _, path = fitted
+    assert CGMLModule.load_from_checkpoint(path).run_info == {}                     # none was set
+    module.run_info = {"task_name": "toy", "seed": 3, "group": "toy_sweep"}
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    module.on_save_checkpoint(saved)
+    saved["cgml_run"]["odd"], saved["cgml_run"]["flag"] = [1, 2], True
+    torch.save(saved, tmp_path / "run.ckpt")
+    assert CGMLModule.load_from_checkpoint(tmp_path / "run.ckpt").run_info == {"task_name": "toy", "seed": 3,
+                                                                             "group": "toy_sweep"}
+    module.run_info = {}
+
+
 def test_the_batch_contract_is_checked_and_float64_is_taken(toy_dm):
     """A training batch that breaks the contract is named before it reaches the nets: its keys, its shapes, its
     dtype, and an index outside the latent table; sample() takes numpy's float64 and checks x's shape."""

@@ -140,7 +140,9 @@ def test_train_results_reach_every_logger(logged_run):
 def test_eval_results_reach_wandb(logged_run):
     metrics = json.loads((logged_run / "eval" / "metrics.json").read_text())
     (run,) = wandb_runs(logged_run / "eval")
-    assert run["job_type"] == "eval" and run["group"] == "eval"
+    (trained,) = wandb_runs(logged_run / "train")
+    assert run["job_type"] == "eval" and run["group"] == trained["group"] == "toy"    # beside the run it evaluates
+    assert run["config"]["checkpoint_run"] == {"task_name": "toy", "seed": trained["config"]["seed"], "group": "toy"}
     assert run["name"].startswith("eval_train_"), run["name"]           # the checkpoint's run folder: train
     assert run["summary"]["test/mode_coverage"] == pytest.approx(metrics["mode_coverage"])
     assert run["config"]["checkpoint_module"]["latent_dim"] == 10

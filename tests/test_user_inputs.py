@@ -126,6 +126,17 @@ def test_wrong_aspect_is_an_error_naming_the_file_unless_cropped(tmp_path):
     assert load_images([wide], channels=1, size=(8, 8), crop=True).shape == (1, 1, 8, 8)
 
 
+def test_a_folder_with_other_aspect_ratios_names_them_all_at_once(tmp_path):
+    """One error lists every file that needs crop=true, instead of stopping at the first of them."""
+    files = [save(tmp_path / "a.png", gradient(8, 8)), save(tmp_path / "b.png", gradient(30, 10)),
+             save(tmp_path / "c.png", gradient(16, 16)), save(tmp_path / "d.png", gradient(10, 24))]
+    with pytest.raises(ImageDataError, match=r"2 of 4 images are not 8:8") as err:
+        load_images(files, channels=1, size=(8, 8))
+    assert f"{files[1]} (30x10), {files[3]} (10x24)" in str(err.value) and "crop=true" in str(err.value)
+    assert str(files[0]) not in str(err.value)
+    assert load_images(files, channels=1, size=(8, 8), crop=True).shape == (4, 1, 8, 8)
+
+
 def test_missing_and_unreadable_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png"):
         image_files(tmp_path / "nope.png")

@@ -15,10 +15,11 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
     out = check_output_dir()
     module, dm = load_for_inference(cfg)
-    loggers = build_loggers(cfg, about=checkpoint_run_name(cfg.ckpt_path))
+    loggers = build_loggers(cfg, about=checkpoint_run_name(cfg.ckpt_path), group=module.run_info.get("group"))
     with task(loggers):
         for logger in loggers:
-            logger.log_hyperparams({**run_record(cfg, module), "checkpoint_module": plain(module.hparams)})
+            logger.log_hyperparams({**run_record(cfg, module), "checkpoint_module": plain(module.hparams),
+                                    "checkpoint_run": module.run_info})
         nets = build_eval_nets(dm, **plain(cfg.feature_net), device=module.device) if cfg.get("feature_net") else None
         metrics = evaluate(module, dm, cfg.num_samples, cfg.num_inputs, cfg.seed, nets, cfg.get("sample_pool"))
         metrics["weights"] = weights_in_use(module)

@@ -15,8 +15,9 @@ from cgml_lightning.instantiate import check_targets, instantiate
 from cgml_lightning.models.base import is_count
 from cgml_lightning.plots import save_samples_png
 from cgml_lightning.runs import (CONFIG_PATH, build_datamodule, build_loggers, build_module, check_manual_steps,
-                                 check_output_dir, check_resume, check_trainer, check_training_folder, log_picture,
-                                 log_results, logged_step, optimized_value, resume_path, run_record, task, user_errors,
+                                 check_model_config, check_output_dir, check_resume, check_trainer,
+                                 check_training_folder, log_picture, log_results, logged_step, optimized_value,
+                                 resume_path, run_record, task, training_run_info, user_errors,
                                  weights_in_use)
 
 log = logging.getLogger("cgml_lightning")
@@ -24,6 +25,7 @@ log = logging.getLogger("cgml_lightning")
 
 def run_train(cfg: DictConfig) -> dict[str, float]:
     check_targets(cfg)                                           # refuse a bad _target_ before anything runs
+    check_model_config(cfg.model)
     check_trainer(cfg.trainer)
     if HydraConfig.get().runtime.choices.get("hparams_search") and not cfg.get("optimized_metric"):
         raise ValueError("hparams_search needs optimized_metric= (a key of metrics.json) and optimized_direction=")
@@ -52,6 +54,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         module.init_weights_from(cfg.init_from)
         log.info("initialised weights from %s (fresh latent table, optimizers and loop)", cfg.init_from)
     module.freeze_prefixes(freeze)                                                  # on resume too
+    module.run_info = training_run_info(cfg)
     loggers = build_loggers(cfg, resumed=bool(ckpt_path))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not loggers:                                              # it logs to loggers and refuses to run without

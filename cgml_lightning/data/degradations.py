@@ -9,6 +9,7 @@ its own mask or noise, and a resumed run or another DDP rank draws the same one 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -122,6 +123,10 @@ def add_noise(y: Tensor, sigma: float, generator: torch.Generator | None = None)
 def downsample(y: Tensor, scale: int = 2, upsample: str = "bilinear") -> Tensor:
     """Super-resolution input: area-downsample by `scale`, then upsample back to [.., C, H, W] (U-Net needs one size)."""
     h, w = y.shape[-2:]
+    if h % scale or w % scale:              # the low-resolution input rounds down; once per size (warnings' filter)
+        warnings.warn(f"data.scale={scale} does not divide the image size {h}x{w}: the low-resolution input is "
+                      f"{max(1, h // scale)}x{max(1, w // scale)}, a factor of {h / max(1, h // scale):.2f}; choose "
+                      f"a data.image_size divisible by {scale} for an exact factor", stacklevel=2)
     flat = y.reshape(-1, *y.shape[-3:])                                               # [N, C, H, W]
     small = F.interpolate(flat, size=(max(1, h // scale), max(1, w // scale)), mode="area")
     extra = {} if upsample == "nearest" else {"align_corners": False}

@@ -149,6 +149,7 @@ class ConditionalModule(L.LightningModule):
         self.ema: AveragedModel | None = None        # built by configure_model, once every net exists
         self.ema_step = -1                           # global_step of the last EMA update (one per optimizer step)
         self.averaging = False                       # the averaged weights are in the nets (averaged_weights())
+        self.run_info: dict[str, Any] = {}           # the training run (cgml-train sets it): checkpoint["cgml_run"]
 
     def build_generator(self, net: dict[str, Any]) -> nn.Module:
         """The generator G(x, z) from the plain net config; called once in __init__, after x_shape, y_shape and
@@ -261,10 +262,12 @@ class ConditionalModule(L.LightningModule):
         hyper_parameters). Nothing to check by default."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the module's name and the number of processes; bring the EMA up to date when saving inside a
-        training batch; refuse to write a state with NaN/Inf in it, so no checkpoint on disk (last.ckpt included) is
-        ever replaced by a non-finite one."""
+        """Record the module's name, the training run (run_info) and the number of processes; bring the EMA up to
+        date when saving inside a training batch; refuse to write a state with NaN/Inf in it, so no checkpoint on disk
+        (last.ckpt included) is ever replaced by a non-finite one."""
         checkpoint["cgml_module"] = self.module_name
+        if self.run_info:
+            checkpoint["cgml_run"] = dict(self.run_info)
         if self._trainer is not None:                # each process takes its own batch: part of what a run is
             checkpoint["world_size"] = self.trainer.world_size
         if self.ema is not None and self._trainer is not None and self.trainer.training:
@@ -275,6 +278,13 @@ class ConditionalModule(L.LightningModule):
         if bad:
             raise FloatingPointError(f"not saving a checkpoint at step {self.global_step}: {', '.join(bad[:5])} hold "
                                      f"NaN/Inf; the checkpoints already on disk are unchanged")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """run_info from the checkpoint's record of its training run: plain words and numbers only, anything else
+        (a record written by other code) left out."""
+        record = checkpoint.get("cgml_run")
+        self.run_info = {str(k): v for k, v in record.items() if isinstance(v, (str, int)) and not isinstance(v, bool)
+                         } if isinstance(record, Mapping) else {}
 
     # ---- NaN/Inf guard: the same decision on every rank -----------------------------------------------------
     def all_finite(self, *tensors: Tensor) -> bool:

@@ -367,7 +367,7 @@ class CGMLModule(ConditionalModule):
             if not (isinstance(value, Tensor) and value.requires_grad):
                 got = "a tensor without a gradient" if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"guide returned {got}: it must be a differentiable torch function of the samples "
-                                 "it is given (a scalar, or one penalty per sample: they are summed)")
+                                 "it is given (a scalar, or one penalty per input or per sample: they are summed)")
             if not torch.isfinite(value.detach()).all():
                 raise ValueError("guide returned NaN or Inf for these samples: it must give a finite penalty "
                                  "(check for divisions by zero, logs of 0)")
