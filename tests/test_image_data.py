@@ -82,6 +82,40 @@ def split_batch(dm, split: str) -> dict:
     return dm.collate([data[i] for i in range(len(data))])
 
 
+# ---- resizing and cropping ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,scale,shift", [((100, 80), 1.0, None), ((50, 120), 1.0, None),
+                                              ((300, 200), 1.5, (0.2, 0.7)), ((64, 64), 1.3, (0.9, 0.1))])
+def test_resize_crop_gives_the_window_of_the_resized_image(size, scale, shift):
+    """The kept window, resampled alone, matches resizing the whole image and cropping it (a smooth image: equal
+    up to rounding at the window's edge)."""
+    from cgml_lightning.data.folders import resize_crop
+
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = Image.fromarray(np.stack([255 * xx / w, 255 * yy / h, 128 + 0 * xx], -1).astype(np.uint8))
+    got = np.asarray(resize_crop(img, 32, scale, shift), dtype=int)
+    s = scale * max(32 / w, 32 / h)
+    nw, nh = max(32, round(w * s)), max(32, round(h * s))
+    left, top = ((nw - 32) // 2, (nh - 32) // 2) if shift is None else (
+        min(int(shift[0] * (nw - 31)), nw - 32), min(int(shift[1] * (nh - 31)), nh - 32))
+    whole = np.asarray(img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + 32, top + 32)), dtype=int)
+    assert got.shape == (32, 32, 3) and np.abs(got - whole).max() <= 2
+
+
+def test_resize_crop_never_resizes_an_elongated_image_whole(monkeypatch):
+    from cgml_lightning.data.folders import resize_crop
+
+    sizes, resize = [], Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        sizes.append(size)
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    assert resize_crop(Image.new("RGB", (30000, 2), "red"), 64).size == (64, 64)
+    assert sizes == [(64, 64)]                                # not 960000 x 64
+
+
 # ---- ImageFolderDataModule ----------------------------------------------------------------------------------------
 def test_image_folder_rgb_nested_completion(rgb_tree):
     dm = make(ImageFolderDataModule, rgb_tree, image_size=12, mask="box")

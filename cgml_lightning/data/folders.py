@@ -306,18 +306,20 @@ def decode_sample(sources: Sequence[str | bytes | memoryview], channels: int, si
 def resize_crop(img: Image.Image, size: int | tuple[int, int] | None, scale: float = 1.0,
                 shift: tuple[float, float] | None = None) -> Image.Image:
     """Resize so the image covers size (S for S x S, or (W, H); None: its own size) times scale, keeping its aspect
-    ratio, then crop to size: centred, or at shift = (fx, fy) in [0, 1) of the slack (a random crop)."""
+    ratio, then crop to size: centred, or at shift = (fx, fy) in [0, 1) of the slack (a random crop). Only the
+    window kept is resampled (PIL's resize box), so a very elongated image is never resized whole."""
     w, h = img.size
     tw, th = (w, h) if size is None else (size, size) if isinstance(size, int) else size
     s = scale * max(tw / w, th / h)
     nw, nh = max(tw, round(w * s)), max(th, round(h * s))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
     if shift is None:
         left, top = (nw - tw) // 2, (nh - th) // 2
     else:
         left, top = min(int(shift[0] * (nw - tw + 1)), nw - tw), min(int(shift[1] * (nh - th + 1)), nh - th)
-    return img.crop((left, top, left + tw, top + th))
+    if (nw, nh) == (w, h):
+        return img.crop((left, top, left + tw, top + th))
+    sx, sy = w / nw, h / nh                                      # the window in the source's pixels
+    return img.resize((tw, th), Image.BICUBIC, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
 
 
 def to_tensor(img: Image.Image) -> Tensor:
