@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
 pytest.importorskip("litdata")
@@ -89,6 +91,7 @@ def test_convert_command_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data=streaming data.input_dir=" in done.stdout and (out / "train" / "index.json").is_file()
+    assert "(train: 1 chunk(s)," in done.stdout                                 # what a DDP run needs to know
     again = [sys.executable, "-m", "cgml_lightning.data.streaming", "convert", "--root", str(tmp_path / "imgs"),
              "--out", str(out)]
     manifest = (out / "cgml.json").read_bytes()
@@ -240,3 +243,83 @@ def test_a_file_name_that_is_not_utf8_converts(tmp_path):
     convert(tmp_path / "imgs", tmp_path / "out", val_fraction=0, test_fraction=0)
     stream = StreamingDataModule(input_dir=str(tmp_path / "out"), image_size=8, num_workers=0, batch_size=5)
     assert len(next(iter(stream.train_dataloader()))["y"]) == 5
+
+
+# ---- training from chunks: exact resume, and DDP ranks -------------------------------------------------------------
+TRAIN = ["experiment=folder_completion", "data=streaming", "data.image_size=8", "net=unet_small", "data.batch_size=4",
+         "seed=3", "trainer.max_epochs=2", "logger=none", "~callbacks.rich_progress_bar", "~callbacks.sample_grid",
+         "eval.num_samples=2", "callbacks.model_checkpoint.save_top_k=-1"]
+
+
+def test_a_resumed_run_streams_the_epoch_it_resumes(converted, tmp_path):
+    """Two epochs straight and one + a resume from its epoch checkpoint end equal: litdata's loader counts the
+    epochs it starts itself, so a loader made for the resumed run must start at the checkpoint's epoch."""
+    from helpers import compose_job
+
+    from cgml_lightning.commands.train import run_train
+
+    _, out = converted
+
+    def job(run: Path, *extra: str) -> dict:
+        try:
+            run_train(compose_job(run, *TRAIN, f"data.input_dir={out}", "data.num_workers=1", *extra))
+        finally:
+            HydraConfig.instance().cfg = None
+        return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+    straight = job(tmp_path / "straight")
+    resumed = job(tmp_path / "resumed", f"ckpt_path={tmp_path / 'straight' / 'checkpoints' / 'epoch_000.ckpt'}")
+    assert straight["global_step"] == resumed["global_step"] > 0
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_ddp_ranks_train_on_their_shares_and_rank_0_evaluates_every_test_item(tmp_path):
+    """trainer=ddp_sim on chunks whose training split holds an unreadable file: each rank streams its share (the
+    datasets are made after the launch; the whole-set count is checked, not a rank's), the ranks' batches differ in
+    size where the file is skipped and every rank's rows reach the latent table all the same, a validation split smaller
+    than the ranks' batches still validates, and the final evaluation on rank 0 scores every test item, not rank 0's
+    share."""
+    from helpers import compose_job, load, run_cli
+
+    from cgml_lightning.runs import build_datamodule, build_module
+
+    write_images(tmp_path / "imgs", 19, size=(10, 10))
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    folder = ImageFolderDataModule(root=str(tmp_path / "imgs"), image_size=8, val_fraction=0.1, test_fraction=0.2)
+    folder.setup()
+    names = [folder.splits["train"].names.name(r) for r in range(len(folder.splits["train"]))]
+    assert "broken.png" in names, names                          # the fixed split puts it among the training rows
+    convert(tmp_path / "imgs", tmp_path / "chunks", val_fraction=0.1, test_fraction=0.2, chunk_bytes="1kb")
+    overrides = [*TRAIN, f"data.input_dir={tmp_path / 'chunks'}", "data.num_workers=0", "trainer=ddp_sim",
+                 "trainer.max_epochs=1"]
+    run_cli("cgml-train", *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_inputs"] == len(folder.splits["test"]) == 4
+    try:
+        cfg = compose_job(tmp_path / "rebuild", *overrides)
+        L.seed_everything(cfg.seed, workers=True)
+        initial = build_module(cfg, build_datamodule(cfg)).latents.detach()
+    finally:
+        HydraConfig.instance().cfg = None
+    table = load(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]["latents"]
+    moved = (table - initial).abs().amax(1) > 1e-6
+    # litdata evens the ranks by dropping items (drop_last under DDP): 4 of 7 chunks to one rank, 3 to the other,
+    # then 4 items each (the smaller share, in whole batches). Both ranks' rows are written, each in its own row,
+    # and no padding row is: every row stays a unit vector, and the unreadable file's row never moves.
+    assert int(moved.sum()) >= 7 and not moved[names.index("broken.png")]
+    assert torch.allclose(table.norm(dim=1), torch.ones(len(table)), atol=1e-5)
+
+
+def test_a_ddp_run_with_fewer_local_chunks_than_readers_is_refused(converted, tmp_path):
+    """litdata gives each reader of local chunks whole chunks: with fewer chunks than processes x workers a rank
+    would end its epoch early and the others would wait for it, so the run is refused, naming --chunk-bytes."""
+    root, out = converted
+    stream = StreamingDataModule(input_dir=str(out), batch_size=4, num_workers=2, **TASK)
+    stream.world = lambda: (2, 0)
+    with pytest.raises(ValueError, match=r"train/ holds 1 chunk\(s\) .* 4 readers .*--chunk-bytes"):
+        stream.train_dataloader()
+    convert(root, tmp_path / "small", **SPLIT, chunk_bytes="1kb")
+    small = StreamingDataModule(input_dir=str(tmp_path / "small"), batch_size=4, num_workers=2, **TASK)
+    small.world = lambda: (2, 0)
+    assert len(small.train_dataloader().dataset.subsampled_files) >= 4

@@ -153,15 +153,18 @@ def fetch_json(input_dir: str, relative: str, storage_options: dict | None) -> d
 def check_safe_formats(input_dir: str, split: str, storage_options: dict | None) -> None:
     """Refuse chunks whose items are anything but int, str and bytes (litdata would unpickle a 'pickle' field)."""
     index = fetch_json(input_dir, f"{split}/index.json", storage_options)
-    formats = set(index.get("config", {}).get("data_format") or [])
+    formats = set((index.get("config") or {}).get("data_format") or [])
     if not formats or not formats <= SAFE_FORMATS:
         raise ValueError(f"data.input_dir={input_dir}: {split}/index.json declares item formats {sorted(formats)}; "
                          f"only {sorted(SAFE_FORMATS)} (what the convert command writes) are read, never pickled objects")
 
 
+@functools.cache
 def streaming_dataset_class():
     """StreamingDataset whose items are decoded, cropped and made into the folder datasets' uint8 items; a training
-    draw uses litdata's epoch counter (restored with its loader's state on resume)."""
+    draw uses litdata's epoch counter (the loader starts it at the trainer's epoch). Made once, on first use (litdata
+    is optional), and named as this module's ImageStreamingDataset: DataLoader workers started by spawn or
+    forkserver unpickle it by that name (the module's __getattr__)."""
     from litdata import StreamingDataset
 
     class ImageStreamingDataset(StreamingDataset):
@@ -186,7 +189,35 @@ def streaming_dataset_class():
             return make_item(images, int(raw["index"]), int(raw["key"]), epoch, r["seed"], r["fixed_seed"], r["size"],
                              r["augment"] if self.train else None, r["swap"])
 
+    ImageStreamingDataset.__qualname__ = "ImageStreamingDataset"
     return ImageStreamingDataset
+
+
+def __getattr__(name: str):
+    if name == "ImageStreamingDataset":
+        return streaming_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def stored_items(dataset) -> int:
+    """The items a StreamingDataset's chunks hold, over every process (its len() is one DDP rank's share)."""
+    return sum(end - start for start, end in dataset.region_of_interest)      # (first, end) item of each chunk
+
+
+class EvaluationItems:
+    """A val or test split read by index (litdata's random access) in a plain map-style dataset: every item once, and
+    under DDP Lightning's distributed sampler gives each rank an equal share, as for folders. litdata's own sharding
+    of an iterable split evens the ranks' shares by dropping items, up to all of a small split, and evaluate() on rank
+    0 alone would see that rank's share only."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset, self.length = dataset, (0 if isinstance(dataset, NoItems) else stored_items(dataset))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
 
 
 class NoItems(list):
@@ -258,16 +289,18 @@ class StreamingDataModule(SplitDataModule):
                 self.splits[split] = self.make_dataset(split, train=split == "train")
             else:
                 self.splits[split] = NoItems()
-        if len(self.splits["train"]) != manifest["splits"]["train"]:
-            raise ValueError(f"data.input_dir={self.input_dir}: train/ holds {len(self.splits['train'])} items but "
-                             f"{MANIFEST} says {manifest['splits']['train']}")
+        held = stored_items(self.splits["train"])            # len() would count this process's share under DDP
+        if held != manifest["splits"]["train"]:
+            raise ValueError(f"data.input_dir={self.input_dir}: train/ holds {held} items but {MANIFEST} says "
+                             f"{manifest['splits']['train']}")
 
-    def make_dataset(self, split: str, train: bool):
+    def make_dataset(self, split: str, train: bool, seed: int = 0):
+        """A split's StreamingDataset; seed: litdata's shuffle seed and the training draws' (the run's)."""
         side_by_side = bool(self.manifest["side_by_side"])
         reader = {"channels": self.channels, "size": (self.image_size, self.image_size), "side_by_side": side_by_side,
                   "two_files": bool(self.manifest["paired"]) and not side_by_side, "swap": self.direction == "BtoA",
-                  "augment": self.augment, "fixed_seed": int(self.manifest["split_seed"]), "seed": 0}
-        return streaming_dataset_class()(f"{self.input_dir.rstrip('/')}/{split}", reader, train,
+                  "augment": self.augment, "fixed_seed": int(self.manifest["split_seed"]), "seed": seed}
+        return streaming_dataset_class()(f"{self.input_dir.rstrip('/')}/{split}", reader, train, seed=seed,
                                          cache_dir=self.cache_dir, max_cache_size=self.max_cache_size,
                                          storage_options=self.storage_options)
 
@@ -291,14 +324,33 @@ class StreamingDataModule(SplitDataModule):
         from torch.utils.data import DataLoader
 
         self.setup()
-        data = self.splits[split]
-        if not len(data):                                       # an empty val or test split
-            return DataLoader([], batch_size=self.eval_batch_size, collate_fn=self.collate)
-        if shuffle:
-            data.reader = {**data.reader, "seed": torch.initial_seed() % 2**63}
-            data.seed = data.reader["seed"]                     # litdata's shuffle seed: the run's, like the sampler's
-        return StreamingDataLoader(data, batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                                   num_workers=self.num_workers, collate_fn=self.collate)
+        if not shuffle:                         # val and test: every item once, read by index (EvaluationItems)
+            return DataLoader(EvaluationItems(self.splits[split]), batch_size=self.eval_batch_size,
+                              num_workers=self.num_workers, collate_fn=self.collate)
+        # made here, in the process that iterates it: litdata reads the DDP ranks when a dataset is made, and setup
+        # may run before the launch; litdata's shuffle seed is the run's, as the folders' sampler's (numpy: 32-bit)
+        data = self.make_dataset(split, train=True, seed=torch.initial_seed() % 2**32)
+        self.check_readers(data)
+        loader = StreamingDataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                                     collate_fn=self.collate)
+        # litdata counts the epochs a loader starts (from 1, adding 1 as each starts) and draws the order and the
+        # degradations from that count: a resumed run's goes on from the checkpoint's epoch
+        loader.current_epoch = self.start_epoch()
+        return loader
+
+    def check_readers(self, data) -> None:
+        """Refuse a DDP run with more readers (processes x workers) than training chunks on local disk: litdata
+        gives each reader of local chunks whole chunks, so a reader without one would end the epoch early and the
+        other ranks would wait for it."""
+        processes, _ = self.world()
+        per_process = max(1, self.num_workers)
+        readers, chunks = processes * per_process, len(data.subsampled_files)
+        if processes > 1 and not is_remote(self.input_dir) and chunks < readers:
+            raise ValueError(f"data.input_dir={self.input_dir}: train/ holds {chunks} chunk(s) but this run reads it "
+                             f"with {readers} readers ({processes} processes x {per_process}: data.num_workers, or 1 "
+                             f"without workers), and litdata gives each reader of local chunks whole chunks: convert "
+                             f"again with a smaller --chunk-bytes, so that train/ holds at least {readers} chunks"
+                             + (", or lower data.num_workers" if self.num_workers > 1 else ""))
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -330,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return 1
     experiment = "paired_translation" if args.paired else "folder_completion"          # or colorization, ..._128
-    print(f"wrote {args.out}: {manifest['splits']} (train fingerprint {manifest['fingerprint']}); "
+    chunks = len(list(Path(args.out, "train").glob("chunk-*.bin")))     # DDP: each local reader takes whole chunks
+    print(f"wrote {args.out}: {manifest['splits']} (train: {chunks} chunk(s), fingerprint {manifest['fingerprint']}); "
           f"train with: cgml-train experiment={experiment} data=streaming data.input_dir={args.out}")
     return 0
 

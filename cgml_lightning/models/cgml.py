@@ -211,11 +211,23 @@ class CGMLModule(ConditionalModule):
         """Store the converged z (and, for table starts, the inputs' hbar as their keys); gathered from every rank
         so all ranks hold the same table."""
         if self._trainer is not None and self.trainer.world_size > 1:
-            index, z = self.all_gather(index).flatten(0, 1), self.all_gather(z).flatten(0, 1)
-            keys = None if keys is None else self.all_gather(keys).flatten(0, 1)
+            index, z, keys = self.gather_rows(index, z, keys)
         self.latents[index] = z.to(self.latents.dtype)
         if keys is not None:
             self.latent_keys[index] = keys.detach().to(self.latent_keys.dtype)
+
+    def gather_rows(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+        """Every rank's rows of each tensor, concatenated in rank order. The ranks' batches may differ in size (a file
+        skipped as unreadable makes one smaller), and all_gather takes equal shapes: each pads to the largest."""
+        sizes = self.all_gather(torch.tensor(len(tensors[0]), device=self.device)).tolist()
+        keep = torch.cat([torch.arange(n, device=self.device) + rank * max(sizes) for rank, n in enumerate(sizes)])
+        gathered = []
+        for t in tensors:
+            if t is not None:
+                padded = torch.cat([t, t.new_zeros(max(sizes) - len(t), *t.shape[1:])])
+                t = self.all_gather(padded).flatten(0, 1)[keep]
+            gathered.append(t)
+        return tuple(gathered)
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
