@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -194,6 +195,23 @@ def test_what_would_lose_or_mislabel_results_is_refused_before_training(compose_
     task, datamodule = load_task(compose_bench("task=digits_completion"), tmp_path / "out")
     with pytest.raises(ValueError, match="Invalid learning rate"):        # before cGML trains, not after
         build_every_model(cfg, task, datamodule, tmp_path / "out", 0)
+
+
+def test_a_fid_the_data_cannot_have_is_refused_before_training(compose_bench, tmp_path):
+    """profile=quick asks for the classifier's FID: on a folder of the user's images (no class labels) the bench
+    stops before any model trains, naming feature_net.fid=none and auto."""
+    from PIL import Image
+
+    from cgml_lightning.commands.bench import bench
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png")
+    cfg = compose_bench("task=folder_completion", f'overrides=["data.root={tmp_path / "imgs"}","data.image_size=8"]')
+    with pytest.raises(ValueError, match="fid=classifier: ImageFolderDataModule has no class labels.*fid=none"):
+        bench(cfg, tmp_path / "out", cfg.profile)
+    assert not (tmp_path / "out" / "models").exists()
 
 
 def test_falls_back_to_digits_without_fashion_mnist(compose_bench, tmp_path, monkeypatch, caplog):

@@ -864,6 +864,9 @@ def test_sample_errors_name_the_file(digits_run, toy_run, workdir):
         run_sample(sample_cfg(ckpt_path=str(digits_ckpt), mask=str(workdir / "no_mask.png")))
     with pytest.raises(ValueError, match="input= takes images.*vector data"):
         run_sample(sample_cfg(ckpt_path=str(toy_ckpt), input=str(wide)))
+    for key in ("crop", "degrade"):                      # crop=no arrives as the string 'no': not taken as true
+        with pytest.raises(ValueError, match=f"{key} must be true or false; got 'no'"):
+            run_sample(sample_cfg(ckpt_path=str(digits_ckpt), input=str(wide), **{key: "no"}))
 
 
 def test_evaluation_names_the_degradation_it_changes(caplog):

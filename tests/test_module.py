@@ -7,6 +7,7 @@ import torch
 
 from cgml_lightning import CGMLModule, RegressorModule
 from cgml_lightning import algorithm as A
+from cgml_lightning.data import ImageFolderDataModule
 from cgml_lightning.evaluation.metrics import pairwise_l1_diversity
 
 MLP_NET = {"name": "mlp", "width": 32, "depth": 2}
@@ -410,6 +411,13 @@ def test_sample_refuses_what_is_no_count_and_takes_numpy(fitted, toy_dm):
         module.sample(torch.tensor([[0.5], [float("nan")], [0.1]]), 2)
     whole = torch.tensor([[-1], [0], [2]])                              # whole-number vector inputs are values
     torch.testing.assert_close(module.sample(whole, 2, seed=1), module.sample(whole.float(), 2, seed=1))
+
+
+def test_yes_no_settings_refuse_anything_but_true_or_false(toy_dm, tmp_path):
+    with pytest.raises(ValueError, match="model.compile must be true or false; got 'no'"):
+        CGMLModule(toy_dm.info(), MLP_NET, compile="no")
+    with pytest.raises(ValueError, match="data.check_files must be true or false; got 'yes'"):
+        ImageFolderDataModule(root=str(tmp_path), check_files="yes")
 
 
 @pytest.mark.parametrize("key, value", [("z_steps", 0), ("z_steps", -1), ("start_candidates", -3),

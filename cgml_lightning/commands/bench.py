@@ -19,7 +19,7 @@ from cgml_lightning.benchmark import (LIVE_KEYS, bench_seeds, build_every_model,
                                       first_batches, first_inputs, load_task, markdown, model_overrides, plot_curves,
                                       protocol, seed_summary, step_timing, train_config, train_model)
 from cgml_lightning.evaluation import evaluate
-from cgml_lightning.evaluation.feature_nets import build_eval_nets
+from cgml_lightning.evaluation.feature_nets import build_eval_nets, check_fid
 from cgml_lightning.evaluation.probe import linear_probe
 from cgml_lightning.files import save_image, write_json, write_text
 from cgml_lightning.plots import models_grid
@@ -62,6 +62,7 @@ def bench(cfg: DictConfig, out, prof) -> dict[str, Any]:
     task_name, datamodule = load_task(cfg, out)
     task_note = "" if task_name == cfg.task else f"(Ran {task_name}: the data of {cfg.task} was not found.)"
     datamodule.setup()
+    check_fid(datamodule, cfg.feature_net.fid)                 # before any model trains
     build_every_model(cfg, task_name, datamodule, out, seeds[0])
     curve_batch = first_inputs(datamodule, "val", prof.curve_num_inputs)
     speed_x = first_inputs(datamodule, "test", prof.speed_inputs)["x"]

@@ -14,6 +14,7 @@ from torch import Tensor
 from cgml_lightning.evaluation import warn_degradation_changes
 from cgml_lightning.files import atomic_path, save_image
 from cgml_lightning.models import ConditionalModule
+from cgml_lightning.models.base import check_flags
 from cgml_lightning.plots import first_test_batch, image_grid, vector_plot
 from cgml_lightning.runs import CONFIG_PATH, check_output_dir, checkpoint_datamodule, inference_module, user_errors
 from cgml_lightning.user_inputs import (UserInputs, build_inputs, check_image_model, hint_guide, image_files,
@@ -72,6 +73,7 @@ def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[s
 
 def run_sample(cfg: DictConfig) -> Path:
     """samples.png (input | N samples | the image given, or the truth) and samples.pt (x, samples, y, files, hint)."""
+    check_flags({"crop": cfg.crop, "degrade": cfg.degrade})
     module = inference_module(cfg)
     inputs, dm = sample_inputs(cfg, module)
     out = check_output_dir()

@@ -486,6 +486,9 @@ class FolderDataModule(SplitDataModule):
             raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB); got {channels!r}")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 2):
             raise ValueError(f"data.image_size must be a positive number of pixels (at least 2) or null; got {image_size!r}")
+        from cgml_lightning.models.base import check_flags        # models import data: imported here
+
+        check_flags({"data.check_files": check_files})
         self.root, self.channels, self.image_size, self.max_images = root, channels, image_size, max_images
         self.augment, self.check_files = Augment.parse(augment), check_files
         self.tables: tuple[FileTable, ...] = ()     # the file(s) behind each kept sample, in sample order

@@ -322,6 +322,16 @@ class EvalNets:
         return "; ".join(parts)
 
 
+def check_fid(datamodule, fid: str) -> None:
+    """Refuse a feature_net.fid the data cannot have: cgml-bench checks it before any model trains."""
+    if fid not in ("auto", "inception", "classifier", "none"):
+        raise ValueError(f"feature_net.fid must be auto, inception, classifier or none; got {fid!r}")
+    if fid == "classifier" and datamodule.kind == "image" and not has_labels(datamodule):
+        raise ValueError(f"feature_net.fid=classifier: {type(datamodule).__name__} has no class labels to train it "
+                         f"on; pass feature_net.fid=none (no FID), or feature_net.fid=auto for Inception's features "
+                         f"where its weights are on disk (docs/evaluation.md)")
+
+
 def build_eval_nets(datamodule, fid: str = "auto", cache_dir: str | Path | None = None,
                     inception_weights_path: str | Path | None = None,
                     classifier: dict[str, Any] | None = None, device: str | torch.device | None = None,
@@ -331,8 +341,7 @@ def build_eval_nets(datamodule, fid: str = "auto", cache_dir: str | Path | None 
     trains (or loads) on `device`, the device evaluation runs on (default CPU), and stays there.
     lpips_net: the LPIPS backbone (alex, vgg, squeeze; null: none) for image data, built only from files on disk
     (build_lpips), independently of fid."""
-    if fid not in ("auto", "inception", "classifier", "none"):
-        raise ValueError(f"feature_net.fid must be auto, inception, classifier or none; got {fid!r}")
+    check_fid(datamodule, fid)
     nets = EvalNets()
     if datamodule.kind != "image":
         return nets
@@ -346,8 +355,6 @@ def build_eval_nets(datamodule, fid: str = "auto", cache_dir: str | Path | None 
             raise ValueError("feature_net.cache_dir is needed to cache the dataset classifier")
         nets.classifier, info = load_or_train_classifier(datamodule, cache_dir, device, **(classifier or {}))
         nets.classifier_name, nets.classifier_test_acc = info["name"], info["test_acc"]
-    elif fid == "classifier":
-        raise ValueError(f"feature_net.fid=classifier: {type(datamodule).__name__} has no class labels to train it on")
     weights = inception_weights(inception_weights_path) if fid in ("auto", "inception") else None
     if weights is not None:
         nets.fid_features, nets.fid_name = InceptionFeatures(weights), f"inception-v3-compat ({weights.name})"

@@ -65,6 +65,14 @@ def is_count(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def check_flags(flags: dict[str, Any]) -> None:
+    """Refuse a yes/no setting given as anything but true or false (`crop=no` arrives as the string 'no', which
+    would count as true), naming its key."""
+    for key, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{key} must be true or false; got {value!r}")
+
+
 def sample_rows(num_inputs: int, num_samples: int, device: torch.device) -> Tensor:
     """Which input each of B*N sample rows belongs to: row b*N + i -> input b."""
     return torch.arange(num_inputs, device=device).repeat_interleave(num_samples)
@@ -127,6 +135,7 @@ class ConditionalModule(L.LightningModule):
         if not isinstance(net, Mapping):
             raise ValueError(f"net must be a mapping of the net's settings, e.g. {{'name': 'mlp', 'width': 128}} "
                              f"(net= on the command line); got {net!r}")
+        check_flags({"model.compile": compile, "model.channels_last": channels_last})
         if self.takes_latent and (not is_count(latent_dim) or latent_dim < 1):
             raise ValueError(f"model.latent_dim must be a whole number, at least 1, for model={self.module_name}; "
                              f"got {latent_dim!r}")
