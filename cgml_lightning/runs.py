@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -101,7 +102,8 @@ def process_count(trainer: DictConfig) -> int:
 
 def check_trainer(trainer: DictConfig) -> None:
     """Refuse, before anything is built, a trainer this machine or the module cannot run: a GPU accelerator where
-    torch sees no GPU, a sharded strategy, or a multirun job of several processes under submitit's local launcher
+    torch sees no GPU, a sharded strategy, a max_time Lightning cannot read (its message is no one-line error), or a
+    multirun job of several processes under submitit's local launcher
     (Lightning starts the other ranks with a command line that submitit's job runner rejects)."""
     accelerator, strategy = str(trainer.get("accelerator", "auto")), str(trainer.get("strategy", "auto")).lower()
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not (
@@ -112,6 +114,9 @@ def check_trainer(trainer: DictConfig) -> None:
     if any(name in strategy for name in SHARDED_STRATEGIES):
         raise ValueError(f"trainer.strategy={strategy}: a sharded strategy would split the per-sample latent table "
                          f"across ranks, whose row writes must stay whole on every rank; use trainer=ddp")
+    max_time = trainer.get("max_time")
+    if isinstance(max_time, str) and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", max_time):
+        raise ValueError(f"trainer.max_time must be DD:HH:MM:SS (00:00:10:00 is 10 minutes) or null; got {max_time!r}")
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))

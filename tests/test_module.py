@@ -1,6 +1,9 @@
 """CGMLModule / RegressorModule: phase separation, latent table, sampling API, checkpoints, completion composite."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -324,6 +327,28 @@ def test_fine_tuning_names_another_model_or_kind_of_data(fitted, toy_dm, tmp_pat
         CGMLModule(image, MLP_NET, **SMALL).init_weights_from(str(path))
     with pytest.raises(ValueError, match=r"matches no parameter; the trained ones start with .*generator\."):
         CGMLModule(toy_dm.info(), MLP_NET, **SMALL).freeze_prefixes(["generatr"])
+
+
+def test_a_checkpoint_that_does_not_fit_names_what_it_was_trained_with(digits_dm, tmp_path):
+    """A colleague holding only the file learns its net (by preset name), latent_dim and channels, and how many
+    weights differ, the list cut with a count."""
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "net" / "unet_small.yaml"))
+    module = CGMLModule(digits_dm.info(), preset, **SMALL)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "cgml_module": "cgml"},
+               tmp_path / "small.ckpt")
+    here = CGMLModule(digits_dm.info(), {**preset, "width": 16}, **{**SMALL, "latent_dim": 6})
+    with pytest.raises(ValueError) as err:
+        here.init_weights_from(str(tmp_path / "small.ckpt"))
+    message = str(err.value)
+    assert "it was trained with net=unet_small; model.latent_dim=4 (here 6): set them as it was trained" in message
+    assert re.search(r"(\d+) weight\(s\) differ", message) and re.search(r"\.\.\. and \d+ more$", message)
+    other = CGMLModule(digits_dm.info(), {**UNET_NET, "width": 4}, **SMALL)
+    torch.save({"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams), "cgml_module": "cgml"},
+               tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"the net net.width=4 \(here 8\)"):
+        CGMLModule(digits_dm.info(), UNET_NET, **SMALL).init_weights_from(str(tmp_path / "other.ckpt"))
 
 
 def test_resume_refuses_another_model_net_or_optimizer(fitted, toy_dm):

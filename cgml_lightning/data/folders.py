@@ -686,7 +686,7 @@ class PairedFolderDataModule(FolderDataModule):
             return pair_tables(root)
         table = image_table(root)
         if self.layout == "auto":
-            warn_if_not_side_by_side(root / table.name(0))
+            warn_if_not_side_by_side([root / table.name(i) for i in range(min(len(table), 10))])
         return (table,)
 
     def check_sample(self, paths: list[str], sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -723,12 +723,17 @@ def check_auto_layout(root: Path, has_a: bool, has_b: bool) -> None:
                              f"A|B images")
 
 
-def warn_if_not_side_by_side(path: Path) -> None:
-    """One header: an A|B image is about twice as wide as high; warn when the first image is not."""
-    try:
-        w, h = inspect_image(path)
-    except UNREADABLE:
-        return                                          # named when a worker skips it
+def warn_if_not_side_by_side(paths: list[Path]) -> None:
+    """One header: an A|B image is about twice as wide as high; warn when the first readable one of `paths` (the
+    first files) is not. An unreadable file is named when a worker skips it."""
+    for path in paths:
+        try:
+            w, h = inspect_image(path)
+            break
+        except UNREADABLE:
+            continue
+    else:
+        return
     if w < 1.5 * h:
         warnings.warn(f"{path}: {w}x{h} (W x H) is not about twice as wide as high, yet data=paired_folder splits "
                       "every image under data.root into its left (A) and right (B) halves; for separate A and B "

@@ -65,6 +65,18 @@ def is_count(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def net_preset(net: Mapping[str, Any]) -> str | None:
+    """The name of the shipped net preset (conf/net/NAME.yaml, net=NAME) whose settings are exactly `net`, if any."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    for preset in sorted(files("cgml_lightning.conf").joinpath("net").iterdir(), key=lambda p: p.name):
+        if preset.name.endswith(".yaml") and OmegaConf.to_container(OmegaConf.create(preset.read_text())) == dict(net):
+            return preset.name.removesuffix(".yaml")
+    return None
+
+
 def check_flags(flags: dict[str, Any]) -> None:
     """Refuse a yes/no setting given as anything but true or false (`crop=no` arrives as the string 'no', which
     would count as true), naming its key."""
@@ -348,14 +360,36 @@ class ConditionalModule(L.LightningModule):
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in keys if k in state and state[k].shape != own[k].shape]
         if missing or wrong:
-            raise ValueError(f"init_from={path} does not fit this model (set net=, model.latent_dim and the "
-                             f"data's size and channels as it was trained):\n  "
-                             + "\n  ".join([f"{k}: missing in checkpoint" for k in missing[:20]] + wrong[:20]))
+            lines = [f"{k}: missing in checkpoint" for k in missing] + wrong
+            raise ValueError(f"init_from={path} does not fit this model: {self.init_differences(saved)}. "
+                             f"{len(lines)} weight(s) differ:\n  " + "\n  ".join(lines[:12])
+                             + (f"\n  ... and {len(lines) - 12} more" if len(lines) > 12 else ""))
         self.load_state_dict({k: state[k] for k in keys}, strict=False)
         self.ema = None
         self.configure_model()
         self.freeze_prefixes(freeze)
         return keys
+
+    def init_differences(self, saved: dict[str, Any]) -> str:
+        """What a checkpoint to fine-tune from was trained with, where this model differs (saved: its
+        hyper_parameters): the net (by its preset's name where one matches), latent_dim, the channels of x and y."""
+        was_net, now_net = dict(saved.get("net") or {}), dict(self.hparams.get("net") or {})
+        was_info, now_info = saved.get("data_info") or {}, self.data_info
+        found = []
+        if was_net != now_net:
+            name = net_preset(was_net)
+            found.append(f"net={name}" if name else "the net " + ", ".join(
+                f"net.{k}={was_net.get(k)} (here {now_net.get(k)})" for k in sorted(set(was_net) | set(now_net))
+                if was_net.get(k) != now_net.get(k)))
+        if saved.get("latent_dim") != self.hparams.get("latent_dim"):
+            found.append(f"model.latent_dim={saved.get('latent_dim')} (here {self.hparams.get('latent_dim')})")
+        for key, what in (("x_shape", "input"), ("y_shape", "output")):
+            was, now = list(was_info.get(key) or [None])[0], list(now_info.get(key) or [None])[0]
+            if was != now:
+                found.append(f"{was} {what} channels (here {now}: data.task, data.channels)")
+        if not found:
+            return "its weights have other shapes than this model's"
+        return "it was trained with " + "; ".join(found) + ": set them as it was trained"
 
     def freeze_prefixes(self, prefixes: list[str] | tuple[str, ...]) -> list[str]:
         """Stop training the parameters whose names start with any of the prefixes; returns their names."""
