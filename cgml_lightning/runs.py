@@ -348,6 +348,9 @@ def inference_module(cfg: DictConfig) -> ConditionalModule:
     module = load_checkpoint(cfg.ckpt_path).to(inference_device(cfg.get("device", "auto")))
     if weights == "live":
         module.ema = None
+    elif module.ema is None:
+        log.info("%s keeps no averaged weights (trained without model.ema_decay): using its live weights",
+                 cfg.ckpt_path)
     return module
 
 

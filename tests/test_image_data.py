@@ -474,6 +474,10 @@ def test_paired_auto_layout_refuses_folders_it_would_split_in_half(tmp_path):
         make(PairedFolderDataModule, tmp_path / "square")
     sides = make(PairedFolderDataModule, tmp_path / "square", layout="side_by_side")     # asked for: no warning
     assert sides.side_by_side
+    write_images(tmp_path / "ab" / "A", 2)
+    write_images(tmp_path / "ab" / "B", 2)
+    with pytest.warns(UserWarning, match=r"holds A/ and B/, the layout of a paired folder"):
+        ImageFolderDataModule(root=str(tmp_path / "ab")).list_samples(tmp_path / "ab")
     write_images(tmp_path / "first_corrupt", 20, size=(8, 8))
     (tmp_path / "first_corrupt" / "a_corrupt.png").write_bytes(b"not an image")    # sorts first: the next one speaks
     with pytest.warns(UserWarning, match=r"img_0_000.png: 8x8 .W x H. is not about twice as wide as high"):

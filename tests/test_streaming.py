@@ -134,6 +134,8 @@ def test_refuses_pickled_items_and_missing_manifest(converted, tmp_path):
         StreamingDataModule(input_dir=str(bad)).setup()
     with pytest.raises(FileNotFoundError, match="no cgml.json in .*streaming convert"):
         StreamingDataModule(input_dir=str(tmp_path)).setup()
+    with pytest.raises(FileNotFoundError, match="data.input_dir: no such folder: .*nowhere"):
+        StreamingDataModule(input_dir=str(tmp_path / "nowhere")).setup()
     with pytest.raises(ValueError, match="data.input_dir is required"):
         StreamingDataModule()
 

@@ -635,6 +635,10 @@ class ImageFolderDataModule(FolderDataModule):
         self.collate = ImageBatch(self.degradation)
 
     def list_samples(self, root: Path) -> tuple[FileTable, ...]:
+        if (root / "A").is_dir() and (root / "B").is_dir():
+            warnings.warn(f"{root}: holds A/ and B/, the layout of a paired folder, and data=image_folder reads the "
+                          f"images of both as single images; for pairs use data=paired_folder (experiment="
+                          f"paired_translation), or --paired to convert them for data=streaming", stacklevel=2)
         return (image_table(root),)
 
     def setup(self, stage: str | None = None) -> None:

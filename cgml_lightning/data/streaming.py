@@ -136,6 +136,8 @@ def fetch_json(input_dir: str, relative: str, storage_options: dict | None) -> d
     """A small JSON file of the converted dataset: read in place, or fetched with litdata's own downloader."""
     if not is_remote(input_dir):
         path = Path(input_dir).expanduser() / relative
+        if not Path(input_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"data.input_dir: no such folder: {Path(input_dir).expanduser().resolve()}")
         if not path.is_file():
             raise FileNotFoundError(f"data.input_dir: no {relative} in {Path(input_dir).expanduser().resolve()}; "
                                     "make it with: python -m cgml_lightning.data.streaming convert --root DIR --out OUT")
