@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,9 @@ def check_trainer(trainer: DictConfig) -> None:
     if any(name in strategy for name in SHARDED_STRATEGIES):
         raise ValueError(f"trainer.strategy={strategy}: a sharded strategy would split the per-sample latent table "
                          f"across ranks, whose row writes must stay whole on every rank; use trainer=ddp")
-    max_time = trainer.get("max_time")
-    if isinstance(max_time, str) and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", max_time):
+    max_time = trainer.get("max_time")                   # Lightning's own reading: DD:HH:MM:SS, or a mapping
+    if not (max_time is None or isinstance(max_time, Mapping)
+            or isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time.strip())):
         raise ValueError(f"trainer.max_time must be DD:HH:MM:SS (00:00:10:00 is 10 minutes) or null; got {max_time!r}")
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return

@@ -88,7 +88,8 @@ def test_downsample_keeps_size(rgb, scale, mode):
 def test_downsample_warns_where_the_scale_does_not_divide_the_size(rgb):
     import warnings
 
-    with pytest.warns(UserWarning, match=r"data.scale=3 does not divide the image size 32x24: .* 10x8, a factor of 3"):
+    with pytest.warns(UserWarning, match=r"data.scale=3 does not divide the image size 24x32 \(W x H\): .* 8x10, "
+                                         r"factors of 3.00 x 3.20"):
         downsample(rgb, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -275,6 +275,8 @@ def test_a_checkpoint_keeps_its_training_runs_record_as_plain_values(fitted, tmp
     torch.save(saved, tmp_path / "run.ckpt")
     assert CGMLModule.load_from_checkpoint(tmp_path / "run.ckpt").run_info == {"task_name": "toy", "seed": 3,
                                                                              "group": "toy_sweep"}
+    module.on_load_checkpoint({})                     # resuming a checkpoint without a record keeps the run's own
+    assert module.run_info == {"task_name": "toy", "seed": 3, "group": "toy_sweep"}
     module.run_info = {}
 
 

@@ -519,9 +519,10 @@ def test_a_trainer_this_machine_or_the_module_cannot_run_is_refused_first(tmp_pa
         with pytest.raises(ValueError, match=r"trainer.strategy=fsdp: a sharded strategy .* use trainer=ddp"):
             check_trainer(cfg.trainer)
         check_trainer(compose_job(tmp_path / "sim", "trainer=ddp_sim").trainer)          # two CPU processes: fine
-        cfg = compose_job(tmp_path / "time", "trainer.max_time=30s")
-        with pytest.raises(ValueError, match=r"trainer.max_time must be DD:HH:MM:SS .*; got '30s'"):
-            check_trainer(cfg.trainer)
+        for value, shown in (("30s", "'30s'"), ("600", "600"), ("0:0:10:0", "'0:0:10:0'")):   # Lightning's reading
+            cfg = compose_job(tmp_path / "time", f"trainer.max_time={value}")
+            with pytest.raises(ValueError, match=f"trainer.max_time must be DD:HH:MM:SS .*; got {shown}$"):
+                check_trainer(cfg.trainer)
         check_trainer(compose_job(tmp_path / "ten", "trainer.max_time=00:00:10:00").trainer)
         if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher"):
             local = ["hydra/launcher=submitit_local", "trainer=ddp_sim"]

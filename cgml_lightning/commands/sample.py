@@ -73,7 +73,7 @@ def hint_kwargs(cfg: DictConfig, module: ConditionalModule, x: Tensor) -> dict[s
 
 def run_sample(cfg: DictConfig) -> Path:
     """samples.png (input | N samples | the image given, or the truth) and samples.pt (x, samples, y, files, hint)."""
-    check_flags({"crop": cfg.crop, "degrade": cfg.degrade})
+    check_flags({"crop": cfg.get("crop", False), "degrade": cfg.get("degrade", True)})
     module = inference_module(cfg)
     inputs, dm = sample_inputs(cfg, module)
     out = check_output_dir()

@@ -124,9 +124,10 @@ def downsample(y: Tensor, scale: int = 2, upsample: str = "bilinear") -> Tensor:
     """Super-resolution input: area-downsample by `scale`, then upsample back to [.., C, H, W] (U-Net needs one size)."""
     h, w = y.shape[-2:]
     if h % scale or w % scale:              # the low-resolution input rounds down; once per size (warnings' filter)
-        warnings.warn(f"data.scale={scale} does not divide the image size {h}x{w}: the low-resolution input is "
-                      f"{max(1, h // scale)}x{max(1, w // scale)}, a factor of {h / max(1, h // scale):.2f}; choose "
-                      f"a data.image_size divisible by {scale} for an exact factor", stacklevel=2)
+        sw, sh = max(1, w // scale), max(1, h // scale)
+        warnings.warn(f"data.scale={scale} does not divide the image size {w}x{h} (W x H): the low-resolution input "
+                      f"is {sw}x{sh}, factors of {w / sw:.2f} x {h / sh:.2f}; choose a data.image_size divisible by "
+                      f"{scale} for an exact factor", stacklevel=2)
     flat = y.reshape(-1, *y.shape[-3:])                                               # [N, C, H, W]
     small = F.interpolate(flat, size=(max(1, h // scale), max(1, w // scale)), mode="area")
     extra = {} if upsample == "nearest" else {"align_corners": False}

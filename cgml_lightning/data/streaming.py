@@ -197,12 +197,18 @@ def streaming_dataset_class():
 
 def __getattr__(name: str):
     if name == "ImageStreamingDataset":
-        return streaming_dataset_class()
+        try:
+            return streaming_dataset_class()
+        except ImportError as err:                  # hasattr() answers False without litdata
+            raise AttributeError(f"{name} needs litdata: {err}") from err
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stored_items(dataset) -> int:
-    """The items a StreamingDataset's chunks hold, over every process (its len() is one DDP rank's share)."""
+    """The items a StreamingDataset's chunks hold, over every process (its len() is one DDP rank's share); 0 for an
+    empty split."""
+    if isinstance(dataset, NoItems):
+        return 0
     return sum(end - start for start, end in dataset.region_of_interest)      # (first, end) item of each chunk
 
 
@@ -213,7 +219,7 @@ class EvaluationItems:
     0 alone would see that rank's share only."""
 
     def __init__(self, dataset) -> None:
-        self.dataset, self.length = dataset, (0 if isinstance(dataset, NoItems) else stored_items(dataset))
+        self.dataset, self.length = dataset, stored_items(dataset)
 
     def __len__(self) -> int:
         return self.length
@@ -326,11 +332,14 @@ class StreamingDataModule(SplitDataModule):
         from torch.utils.data import DataLoader
 
         self.setup()
+        # each loader reads a dataset of its own, made here, in the process that iterates it: litdata reads the DDP
+        # ranks when a dataset is made (setup may run before the launch), and a reader left open by an earlier pass
+        # (first batches read in this process) is not shared with forked workers
         if not shuffle:                         # val and test: every item once, read by index (EvaluationItems)
-            return DataLoader(EvaluationItems(self.splits[split]), batch_size=self.eval_batch_size,
-                              num_workers=self.num_workers, collate_fn=self.collate)
-        # made here, in the process that iterates it: litdata reads the DDP ranks when a dataset is made, and setup
-        # may run before the launch; litdata's shuffle seed is the run's, as the folders' sampler's (numpy: 32-bit)
+            data = self.splits[split] if isinstance(self.splits[split], NoItems) else self.make_dataset(split, train=False)
+            return DataLoader(EvaluationItems(data), batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                              collate_fn=self.collate)
+        # litdata's shuffle seed is the run's, as the folders' sampler's (numpy's seeds: 32-bit)
         data = self.make_dataset(split, train=True, seed=torch.initial_seed() % 2**32)
         self.check_readers(data)
         loader = StreamingDataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers,
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return 1
     experiment = "paired_translation" if args.paired else "folder_completion"          # or colorization, ..._128
-    chunks = len(list(Path(args.out, "train").glob("chunk-*.bin")))     # DDP: each local reader takes whole chunks
+    chunks = len(list(Path(args.out, "train").expanduser().glob("chunk-*.bin")))   # DDP: local readers take whole chunks
     print(f"wrote {args.out}: {manifest['splits']} (train: {chunks} chunk(s), fingerprint {manifest['fingerprint']}); "
           f"train with: cgml-train experiment={experiment} data=streaming data.input_dir={args.out}")
     return 0

@@ -301,11 +301,24 @@ class ConditionalModule(L.LightningModule):
                                      f"NaN/Inf; the checkpoints already on disk are unchanged")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """run_info from the checkpoint's record of its training run: plain words and numbers only, anything else
-        (a record written by other code) left out."""
+        """run_info from the checkpoint's record of its training run, where it has one: plain words and numbers only,
+        anything else (a record written by other code) left out."""
         record = checkpoint.get("cgml_run")
-        self.run_info = {str(k): v for k, v in record.items() if isinstance(v, (str, int)) and not isinstance(v, bool)
-                         } if isinstance(record, Mapping) else {}
+        if isinstance(record, Mapping):             # none recorded (an older checkpoint): the run_info already set
+            self.run_info = {str(k): v for k, v in record.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+
+    def gather_rows(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+        """Every rank's rows of each tensor, concatenated in rank order. The ranks' batches may differ in size (a file
+        skipped as unreadable makes one smaller), and all_gather takes equal shapes: each pads to the largest."""
+        sizes = self.all_gather(torch.tensor(len(tensors[0]), device=self.device)).tolist()
+        keep = torch.cat([torch.arange(n, device=self.device) + rank * max(sizes) for rank, n in enumerate(sizes)])
+        gathered = []
+        for t in tensors:
+            if t is not None:
+                padded = torch.cat([t, t.new_zeros(max(sizes) - len(t), *t.shape[1:])])
+                t = self.all_gather(padded).flatten(0, 1)[keep]
+            gathered.append(t)
+        return tuple(gathered)
 
     # ---- NaN/Inf guard: the same decision on every rank -----------------------------------------------------
     def all_finite(self, *tensors: Tensor) -> bool:
@@ -383,10 +396,12 @@ class ConditionalModule(L.LightningModule):
                 if was_net.get(k) != now_net.get(k)))
         if saved.get("latent_dim") != self.hparams.get("latent_dim"):
             found.append(f"model.latent_dim={saved.get('latent_dim')} (here {self.hparams.get('latent_dim')})")
+        unit = "channels (here {now}: data.task, data.channels)" if now_info.get("kind") == "image" else \
+            "features (here {now})"
         for key, what in (("x_shape", "input"), ("y_shape", "output")):
             was, now = list(was_info.get(key) or [None])[0], list(now_info.get(key) or [None])[0]
             if was != now:
-                found.append(f"{was} {what} channels (here {now}: data.task, data.channels)")
+                found.append(f"{was} {what} " + unit.format(now=now))
         if not found:
             return "its weights have other shapes than this model's"
         return "it was trained with " + "; ".join(found) + ": set them as it was trained"

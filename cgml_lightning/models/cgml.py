@@ -216,19 +216,6 @@ class CGMLModule(ConditionalModule):
         if keys is not None:
             self.latent_keys[index] = keys.detach().to(self.latent_keys.dtype)
 
-    def gather_rows(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-        """Every rank's rows of each tensor, concatenated in rank order. The ranks' batches may differ in size (a file
-        skipped as unreadable makes one smaller), and all_gather takes equal shapes: each pads to the largest."""
-        sizes = self.all_gather(torch.tensor(len(tensors[0]), device=self.device)).tolist()
-        keep = torch.cat([torch.arange(n, device=self.device) + rank * max(sizes) for rank, n in enumerate(sizes)])
-        gathered = []
-        for t in tensors:
-            if t is not None:
-                padded = torch.cat([t, t.new_zeros(max(sizes) - len(t), *t.shape[1:])])
-                t = self.all_gather(padded).flatten(0, 1)[keep]
-            gathered.append(t)
-        return tuple(gathered)
-
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, y, index = batch["x"], batch["y"], batch["index"]

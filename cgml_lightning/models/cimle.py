@@ -49,7 +49,7 @@ class CIMLEModule(ConditionalModule):
             z = torch.where(due[:, None], fresh, z)
         rows, kept, epochs = index, z, torch.where(due, epoch, self.latents_epoch[index])
         if self._trainer is not None and self.trainer.world_size > 1:           # every rank holds every row
-            rows, kept, epochs = (self.all_gather(t).flatten(0, 1) for t in (rows, kept, epochs))
+            rows, kept, epochs = self.gather_rows(rows, kept, epochs)
         self.latents[rows] = kept.to(self.latents.dtype)
         self.latents_epoch[rows] = epochs
         return z
