@@ -336,7 +336,8 @@ class StreamingDataModule(SplitDataModule):
         # ranks when a dataset is made (setup may run before the launch), and a reader left open by an earlier pass
         # (first batches read in this process) is not shared with forked workers
         if not shuffle:                         # val and test: every item once, read by index (EvaluationItems)
-            data = self.splits[split] if isinstance(self.splits[split], NoItems) else self.make_dataset(split, train=False)
+            data = self.splits[split]
+            data = data if isinstance(data, NoItems) else self.make_dataset(split, train=False)
             return DataLoader(EvaluationItems(data), batch_size=self.eval_batch_size, num_workers=self.num_workers,
                               collate_fn=self.collate)
         # litdata's shuffle seed is the run's, as the folders' sampler's (numpy's seeds: 32-bit)
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return 1
     experiment = "paired_translation" if args.paired else "folder_completion"          # or colorization, ..._128
-    chunks = len(list(Path(args.out, "train").expanduser().glob("chunk-*.bin")))   # DDP: local readers take whole chunks
+    chunks = len(list(Path(args.out, "train").expanduser().glob("chunk-*.bin")))   # DDP: a local reader's are whole
     print(f"wrote {args.out}: {manifest['splits']} (train: {chunks} chunk(s), fingerprint {manifest['fingerprint']}); "
           f"train with: cgml-train experiment={experiment} data=streaming data.input_dir={args.out}")
     return 0

@@ -305,7 +305,8 @@ class ConditionalModule(L.LightningModule):
         anything else (a record written by other code) left out."""
         record = checkpoint.get("cgml_run")
         if isinstance(record, Mapping):             # none recorded (an older checkpoint): the run_info already set
-            self.run_info = {str(k): v for k, v in record.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+            self.run_info = {str(k): v for k, v in record.items()
+                             if isinstance(v, (str, int)) and not isinstance(v, bool)}
 
     def gather_rows(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         """Every rank's rows of each tensor, concatenated in rank order. The ranks' batches may differ in size (a file
